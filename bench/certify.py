@@ -1,0 +1,181 @@
+"""Certification, certified robust accuracy, the empirical lower bound and tightness.
+
+Soundness rules: certificates come only from converged bounds (`model.certified_bound()` raises otherwise),
+margins and bounds are compared in float64 with TF32 off, and the inequality is strict, so ties (a zero
+margin) are never certified.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from fractions import Fraction
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+
+from bench.nn.bound import PairwiseBound
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def parse_eps(value) -> float:
+    """An ε as written in a config: 0.15, "0.15" or "36/255"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(Fraction(str(value).strip()))
+    except (ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"cannot read ε {value!r}; write a number or a fraction such as 36/255") from e
+
+
+@contextlib.contextmanager
+def exact_matmul():
+    """TF32 off for the duration (certification must not run on reduced-precision matmuls)."""
+    cuda_mm = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_mm
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.set_float32_matmul_precision(precision)
+
+
+def margins(logits: torch.Tensor, bound: PairwiseBound, num_classes: int) -> Tuple[torch.Tensor, ...]:
+    """Prediction j, margins f_j − f_i [B, N] and constants K_ji [B, N], all float64."""
+    logits = logits.double()
+    j = logits.argmax(dim=1)
+    gap = logits.gather(1, j[:, None]) - logits
+    K = bound.to(torch.float64).rows(j.to(bound.K_up.device), num_classes).to(logits.device)
+    return j, gap, K
+
+
+def certified(logits: torch.Tensor, bound: PairwiseBound, eps: float, num_classes: int) -> torch.Tensor:
+    """True where f_j − f_i > ε·K_ji for every i ≠ j (j = argmax f). A tie is never certified."""
+    j, gap, K = margins(logits, bound, num_classes)
+    is_j = torch.zeros_like(gap, dtype=torch.bool).scatter(1, j[:, None], True)
+    return ((gap > eps * K) | is_j).all(dim=1)
+
+
+def certified_radius(logits: torch.Tensor, bound: PairwiseBound, num_classes: int) -> torch.Tensor:
+    """min_{i≠j} (f_j − f_i)/K_ji: the largest ε the bound certifies (0 for a tie)."""
+    j, gap, K = margins(logits, bound, num_classes)
+    is_j = torch.zeros_like(gap, dtype=torch.bool).scatter(1, j[:, None], True)
+    ratio = torch.where(K > 0, gap / K.clamp_min(1e-300),
+                        torch.where(gap > 0, torch.full_like(gap, float("inf")), torch.zeros_like(gap)))
+    return ratio.masked_fill(is_j, float("inf")).amin(dim=1).clamp_min(0.0)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32,
+            batch_size: int = 4096, to_input=None) -> torch.Tensor:
+    """Logits of a whole split, batched, in `dtype`, TF32 off. `to_input` maps stored values to data units."""
+    device = next(model.parameters()).device
+    if next(model.parameters()).dtype != dtype:  # an exact up-cast copy: the same function, a finer forward
+        model = copy.deepcopy(model).to(dtype)
+    outs = []
+    with exact_matmul():
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(device)
+            xb = to_input(xb, dtype) if to_input is not None else xb.to(dtype)
+            outs.append(model(xb).to(torch.float64).cpu())
+    return torch.cat(outs) if outs else torch.empty(0, 0, dtype=torch.float64)
+
+
+def evaluate_logits(logits: torch.Tensor, y: torch.Tensor, bound: PairwiseBound, eps_by_name: Dict[str, float],
+                    num_classes: int) -> Dict[str, object]:
+    """Clean accuracy and CRA (certified ∧ correct) per named ε."""
+    y = y.cpu()
+    correct = logits.argmax(dim=1) == y
+    out = {"clean": float(correct.double().mean()) if len(y) else float("nan"), "cra": {}}
+    for name, eps in eps_by_name.items():
+        ok = certified(logits, bound, eps, num_classes) & correct
+        out["cra"][name] = float(ok.double().mean()) if len(y) else float("nan")
+    return out
+
+
+def lower_bound(model: torch.nn.Module, x: torch.Tensor, pairs: int = 4000, steps: int = 1000, lr: float = 3e-4,
+                domain: Optional[Tuple[float, float]] = None, generator: Optional[torch.Generator] = None,
+                chunk: int = 4000) -> float:
+    """Empirical lower bound on K(f) (supplement C, eq. 19; the official `LowerLipschitzBoundEstimation`).
+
+    Draws 2·pairs points of `x` (data units), then maximises, over both points of every pair with Adam,
+        max_i |(f_j − f_i)(x₁) − (f_j − f_i)(x₂)| / ‖x₁ − x₂‖₂,   j = argmax f(x₁) (re-evaluated every step),
+    clamping to the data domain after each step; returns the largest value seen over all steps and pairs.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = min(2 * pairs, len(x) - len(x) % 2)
+    idx = torch.randperm(len(x), generator=generator)[:n]
+    best = 0.0
+    try:
+        for start in range(0, n // 2, chunk):
+            m = min(chunk, n // 2 - start)
+            a = x[idx[start:start + m]].to(device).clone().requires_grad_(True)
+            b = x[idx[n // 2 + start:n // 2 + start + m]].to(device).clone().requires_grad_(True)
+            opt = torch.optim.Adam([a, b], lr=lr)
+            for _ in range(steps + 1):
+                fa, fb = model(a), model(b)
+                j = fa.detach().argmax(dim=1, keepdim=True)
+                diff = (fa.gather(1, j) - fa) - (fb.gather(1, j) - fb)
+                dist = torch.linalg.vector_norm((a - b).flatten(1), dim=1)
+                valid = dist > 0
+                q = diff.abs().amax(dim=1) / dist.clamp_min(1e-12)
+                q = torch.where(valid, q, torch.zeros_like(q))
+                best = max(best, float(q.detach().max()))
+                if _ == steps:
+                    break
+                opt.zero_grad(set_to_none=True)
+                (-q.sum()).backward()
+                opt.step()
+                if domain is not None:
+                    with torch.no_grad():
+                        a.clamp_(*domain)
+                        b.clamp_(*domain)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train(was_training)
+    return best
+
+
+def l2_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 100,
+           restarts: int = 5, step_size: Optional[float] = None,
+           domain: Optional[Tuple[float, float]] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """L2 PGD on the margin loss: returns a bool per input, True where some x' with ‖x' − x‖ ≤ ε changes the
+    prediction away from y. Used to test certificates empirically (a certified point must never fall)."""
+    step_size = step_size if step_size is not None else 2.5 * eps / steps * 4
+    broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    dims = tuple(range(1, x.dim()))
+    for r in range(restarts):
+        delta = torch.randn(x.shape, generator=generator).to(x) if r else torch.zeros_like(x)
+        if r:
+            delta = delta / torch.linalg.vector_norm(delta.flatten(1), dim=1).view(-1, *[1] * (x.dim() - 1))
+            delta = delta * eps * torch.rand(len(x), generator=generator).to(x).view(-1, *[1] * (x.dim() - 1))
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            out = model(x + delta)
+            true = out.gather(1, y[:, None]).squeeze(1)
+            other = out.masked_fill(torch.zeros_like(out, dtype=torch.bool).scatter(1, y[:, None], True),
+                                    float("-inf")).amax(dim=1)
+            (grad,) = torch.autograd.grad((other - true).sum(), delta)
+            with torch.no_grad():
+                g = grad / torch.linalg.vector_norm(grad.flatten(1), dim=1).clamp_min(1e-12).view(-1, *[1] * len(dims))
+                delta = delta + step_size * g
+                norm = torch.linalg.vector_norm(delta.flatten(1), dim=1).view(-1, *[1] * len(dims))
+                delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
+                if domain is not None:
+                    delta = (x + delta).clamp(*domain) - x
+                broken |= model(x + delta).argmax(dim=1) != y
+    return broken
+
+
+def iter_eps(names: Iterable[str]) -> Dict[str, float]:
+    return {str(n): parse_eps(n) for n in names}

@@ -1,0 +1,143 @@
+"""The `bench` command: run, suite, table, list.
+
+Every user error (unknown name, malformed YAML, unknown key, missing dataset, corrupt run) ends in one line
+on stderr and exit status 2; nothing half-written is left behind (run files are written atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from bench.config import ConfigError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="results", help="where run folders go (default: results/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set eps=0.5 --set p=0.01 (repeatable)")
+    p.add_argument("--epochs", type=int, help="train for this many epochs (lr milestones scale along)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=1, help="runs trained at once in separate processes")
+    p.add_argument("--force", action="store_true", help="redo runs that are already complete")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")
+    p.add_argument("--train-subset", type=int, help="train on a fixed, seeded subset of N examples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train and certify seeds 1..N of one configuration")
+    run.add_argument("--method", required=True)
+    run.add_argument("--arch", required=True)
+    run.add_argument("--dataset", default="moons")
+    run.add_argument("--seeds", type=int, default=1, help="train seeds 1..N")
+    _add_common(run)
+
+    suite = sub.add_parser("suite", help="run a suite (suites/NAME.yaml), then print and write its table")
+    suite.add_argument("name", help="suite name (suites/NAME.yaml) or a path to a YAML file")
+    suite.add_argument("--seeds", type=int, help="override the suite's seed count")
+    _add_common(suite)
+
+    table = sub.add_parser("table", help="aggregate the result.json files below a folder")
+    table.add_argument("results", nargs="?", default="results")
+    table.add_argument("--suite", help="only the runs of this suite, with its layout")
+    table.add_argument("--format", choices=["md", "tex", "csv"], default="md")
+    table.add_argument("--split", default=None, help="evaluation split (test, train, test_lossless, ...)")
+
+    sub.add_parser("list", help="show methods, architectures, datasets and suites")
+    return parser
+
+
+def _overrides(args) -> dict:
+    from bench.config import parse_set
+
+    over = parse_set(args.set)
+    if args.epochs is not None:
+        over["epochs"] = args.epochs
+    if args.device:
+        over["device"] = args.device
+    if args.data_root:
+        over["data_root"] = args.data_root
+    if args.train_subset is not None:
+        over["train_subset"] = args.train_subset
+    return over
+
+
+def cmd_run(args) -> int:
+    from bench.config import resolve
+    from bench.launch.local import run_all
+    from bench.report.tables import print_results
+
+    spec = {"method": args.method, "arch": args.arch, "dataset": args.dataset, **_overrides(args)}
+    cfg = resolve(spec)
+    cfgs = [{**cfg, "seed": s} for s in range(1, args.seeds + 1)]
+    results = run_all(cfgs, args.results, workers=args.workers, force=args.force, quiet=args.quiet)
+    print_results(results)
+    return 0
+
+
+def cmd_suite(args) -> int:
+    from bench.config import load_suite, suite_runs
+    from bench.launch.local import run_all
+    from bench.report.suite import write_suite_outputs
+
+    suite = load_suite(args.name)
+    if args.seeds is not None:
+        suite["seeds"] = args.seeds
+    cfgs = suite_runs(suite, _overrides(args))
+    run_all(cfgs, args.results, workers=args.workers, force=args.force, quiet=args.quiet)
+    write_suite_outputs(suite, cfgs, Path(args.results))
+    return 0
+
+
+def cmd_table(args) -> int:
+    from bench.report.tables import table_for_folder
+
+    print(table_for_folder(Path(args.results), suite_name=args.suite, fmt=args.format, split=args.split))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.config import list_suites
+    from bench.registry import ARCHS, DATASETS, METHODS
+
+    t = Table(title="lipbench")
+    t.add_column("kind")
+    t.add_column("names")
+    t.add_row("methods", ", ".join(METHODS.names()))
+    t.add_row("architectures", ", ".join(ARCHS.names()))
+    t.add_row("datasets", ", ".join(DATASETS.names()))
+    t.add_row("suites", ", ".join(list_suites()))
+    Console().print(t)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "suite": cmd_suite, "table": cmd_table, "list": cmd_list}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from bench.data.base import DatasetNotFoundError
+    from bench.registry import UnknownNameError
+    from bench.store import CorruptRunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, UnknownNameError, DatasetNotFoundError, CorruptRunError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bench: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

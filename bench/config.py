@@ -1,0 +1,184 @@
+"""Run configuration: defaults, merging, validation, hashing; suites read with safe YAML.
+
+A run's config is one flat mapping. It is resolved in this order, later entries winning:
+
+    engine defaults ← dataset defaults ← method hyperparameters ← method's recipe for the dataset
+                    ← suite (defaults, then cell) ← command line (--set key=value)
+
+Keys keep the paper's names where it has them (`eps`, `p`, `lam`, `delta`). Unknown keys are an error with a
+did-you-mean, so a typo never silently runs the default.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import yaml
+
+from bench.registry import ARCHS, DATASETS, METHODS, UnknownNameError
+
+
+class ConfigError(ValueError):
+    """A malformed or invalid configuration (reported as a one-line CLI error)."""
+
+
+ENGINE_DEFAULTS: Dict[str, object] = {
+    "epochs": 100,
+    "batch_size": 128,
+    "optimizer": "adam",          # adam | adamw | sgd
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "momentum": 0.9,              # sgd only
+    "lr_milestones": [],          # epochs of the protocol where lr is multiplied by lr_gamma
+    "lr_gamma": 0.1,
+    "protocol_epochs": None,      # the epoch count the milestones refer to; shorter runs scale them
+    "power_iter": 5,              # power-iteration steps per training step (supplement B)
+    "converge_tol": 1e-9,         # relative tolerance of the epoch-end convergence
+    "cert_eps": ["eps"],          # radii CRA is reported at; "eps" means the training ε
+    "certify_dtype": "float32",   # float32 | float64: precision of the certifying forward pass
+    "eval_every": 1,              # epochs between evaluations logged to metrics.csv
+    "lower_bound_pairs": 4000,    # supplement C
+    "lower_bound_steps": 1000,
+    "lower_bound_lr": 3e-4,
+    "train_subset": None,         # train on a fixed, seeded subset of N examples (smoke runs)
+    "data_seed": None,            # None: the run's seed
+    "normalize": None,            # None or [mean, std] per channel; 1/min(std) enters K
+    "augment": False,
+    "drop_last": True,
+    # execution only: not part of the config hash
+    "device": "auto",
+    "threads": None,
+    "eval_batch": 4096,
+    "checkpoint_every": 1,
+    "data_root": None,            # where datasets live (--data-root, then BENCH_DATA, then the user cache)
+    "download": False,            # fetch a missing dataset through torchvision when the user asks
+}
+EXECUTION_KEYS = {"device", "threads", "eval_batch", "checkpoint_every", "data_root", "download"}
+NAME_KEYS = ("method", "arch", "dataset")
+SUITE_KEYS = {"name", "description", "seeds", "defaults", "cells", "grid", "paper", "table"}
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def known_keys(method: str, dataset: str) -> set:
+    m = METHODS.get(method)
+    d = DATASETS.get(dataset)
+    return set(ENGINE_DEFAULTS) | set(getattr(d, "defaults", {})) | set(m.hparams) | set(NAME_KEYS)
+
+
+def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
+    """Resolve a run spec (method, arch, dataset and overrides) into the full config. Validates names/keys."""
+    for key in NAME_KEYS:
+        if not spec.get(key):
+            raise ConfigError(f"missing {key!r}: a run needs a method, an arch and a dataset")
+    try:
+        method = METHODS.get(str(spec["method"]))
+        dataset = DATASETS.get(str(spec["dataset"]))
+        ARCHS.get(str(spec["arch"]))
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    known = known_keys(spec["method"], spec["dataset"])
+    unknown = [k for k in spec if k not in known]
+    if unknown:
+        raise ConfigError("unknown config key" + ("s " if len(unknown) > 1 else " ") +
+                          ", ".join(f"{k!r}{_did_you_mean(k, known)}" for k in unknown))
+    cfg: Dict[str, object] = copy.deepcopy(ENGINE_DEFAULTS)
+    cfg.update(copy.deepcopy(getattr(dataset, "defaults", {})))
+    cfg.update(copy.deepcopy(method.hparams))
+    cfg.update(copy.deepcopy(method.protocols.get(str(spec["dataset"]), {})))
+    cfg.update(copy.deepcopy(dict(spec)))
+    return cfg
+
+
+def config_hash(cfg: Mapping[str, object]) -> str:
+    """A short hash of everything that changes results (seed and execution keys excluded)."""
+    semantic = {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and k != "seed"}
+    blob = json.dumps(semantic, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def parse_set(items: Optional[List[str]]) -> Dict[str, object]:
+    """`--set key=value` pairs; values are read as YAML scalars/lists (0.5, 1e-6, [400, 600], 36/255)."""
+    out: Dict[str, object] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"cannot read the value of --set {key}={raw!r}") from None
+        if isinstance(value, str) and value.strip().lower() in {"none", "null"}:
+            value = None
+        out[key.strip()] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------------------
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
+
+def suite_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in {".yaml", ".yml"} and p.exists():
+        return p
+    candidate = SUITES_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(q.stem for q in SUITES_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown suite {name_or_path!r}{_did_you_mean(str(name_or_path), known)}; "
+                      f"known: {', '.join(known)}")
+
+
+def list_suites() -> List[str]:
+    return sorted(q.stem for q in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str) -> Dict[str, object]:
+    path = suite_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a suite must be a YAML mapping")
+    unknown = [k for k in data if k not in SUITE_KEYS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown suite key(s) " +
+                          ", ".join(f"{k!r}{_did_you_mean(k, SUITE_KEYS)}" for k in unknown))
+    data.setdefault("name", path.stem)
+    data["_path"] = str(path)
+    return data
+
+
+def suite_runs(suite: Mapping[str, object], overrides: Optional[Mapping[str, object]] = None) -> List[Dict]:
+    """Expand a suite into resolved run configs (one per cell × grid point × seed)."""
+    base = dict(suite.get("defaults") or {})
+    cells = suite.get("cells") or [{}]
+    grid = suite.get("grid") or {}
+    if not isinstance(cells, list) or not isinstance(grid, dict):
+        raise ConfigError(f"suite {suite.get('name')!r}: 'cells' must be a list and 'grid' a mapping")
+    seeds = suite.get("seeds", 1)
+    seed_list = list(range(1, int(seeds) + 1)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    runs = []
+    keys = list(grid)
+    for cell in cells:
+        for values in itertools.product(*(grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys)):
+            spec = {**base, **dict(zip(keys, values)), **(cell or {}), **(overrides or {})}
+            seeds_here = spec.pop("seeds", None)
+            cfg = resolve(spec)
+            for seed in (seed_list if seeds_here is None else list(range(1, int(seeds_here) + 1))):
+                runs.append({**cfg, "seed": seed})
+    return runs

@@ -1,0 +1,5 @@
+"""Datasets (registered by name) and batched on-device augmentation."""
+from bench.data import moons  # noqa: F401  (registers "moons")
+from bench.data.base import DataBundle, DatasetNotFoundError
+
+__all__ = ["DataBundle", "DatasetNotFoundError"]

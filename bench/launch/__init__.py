@@ -1,0 +1,1 @@
+"""Execution back-ends: local worker processes (and, later, Slurm through submitit)."""

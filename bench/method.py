@@ -1,0 +1,37 @@
+"""The method plugin interface.
+
+A method is a loss that uses the network's pairwise Lipschitz bound, plus its hyperparameters (with the
+paper's names) and its paper's training recipe per dataset. The certificate itself is the same arithmetic for
+every method (bench/certify.py); a method only states its K(h∘f).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Dict, Tuple
+
+import torch
+
+from bench.nn.bound import PairwiseBound
+
+
+class Method(ABC):
+    #: hyperparameter → default; keys are config keys (`--set key=value`)
+    hparams: Dict[str, object] = {}
+    #: dataset → recipe (trainer keys and hyperparameters) that reproduces the paper on that dataset
+    protocols: Dict[str, Dict[str, object]] = {}
+    #: certificate rule in words, recorded in result.json
+    certificate = "f_j − f_i > ε·K_ji for all i ≠ j (j = argmax f, strict: ties are not certified)"
+
+    def __init__(self, cfg: Dict[str, object], num_classes: int):
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    @abstractmethod
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, bound: PairwiseBound,
+             progress: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Mean training loss at training progress t/T, and scalars to log."""
+
+    def K_hf(self, bound: PairwiseBound) -> float:
+        """K(h∘f), the Lipschitz constant of the loss's output map composed with f. For losses whose h is a
+        plain softmax this is K̄(f) = max_ij K_ij (the paper's tables print the same number)."""
+        return float(bound.max(self.num_classes))

@@ -1,0 +1,56 @@
+"""Scalar hyperparameter schedules, evaluated at training progress t/T ∈ [0, 1] (T = total iterations).
+
+A config value is a number (constant) or a mapping:
+  {schedule: poly, start: a, end: b, power: γ}   v(t) = b + (a − b)·(1 − t/T)^γ      (CLL supplement eq. 17)
+  {schedule: log, start: a, end: b}              v(t) = log((e^b − e^a)·t/T + e^a)     (GloRo's `_log_interp`)
+  {schedule: log_half, start: a, end: b}         the same over the first half, then b (GloRo `logarithmic_half`)
+  {schedule: linear, start: a, end: b}           v(t) = a + (b − a)·t/T
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Union
+
+Value = Union[float, int, Mapping]
+
+
+def _poly(start, end, power=1.0):
+    return lambda t: end + (start - end) * (1.0 - t) ** power
+
+
+def _log(start, end):
+    return lambda t: math.log((math.exp(end) - math.exp(start)) * t + math.exp(start))
+
+
+def _log_half(start, end):
+    inner = _log(start, end)
+    return lambda t: inner(min(1.0, 2.0 * t))
+
+
+def _linear(start, end):
+    return lambda t: start + (end - start) * t
+
+
+_KINDS = {"poly": _poly, "log": _log, "log_half": _log_half, "linear": _linear}
+
+
+def make_schedule(value: Value) -> Callable[[float], float]:
+    """Turn a config value into v(progress). Raises ValueError on a malformed schedule."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+        return lambda t: v
+    if isinstance(value, Mapping):
+        spec = dict(value)
+        kind = spec.pop("schedule", None)
+        if kind not in _KINDS:
+            raise ValueError(f"unknown schedule {kind!r}; use one of {sorted(_KINDS)}")
+        try:
+            fn = _KINDS[kind](**{k: float(v) for k, v in spec.items()})
+        except TypeError as e:
+            raise ValueError(f"bad arguments for schedule {kind!r}: {sorted(spec)}") from e
+        return lambda t: fn(min(max(t, 0.0), 1.0))
+    raise ValueError(f"expected a number or a schedule mapping, got {value!r}")
+
+
+def final_value(value: Value) -> float:
+    return make_schedule(value)(1.0)

@@ -1,0 +1,216 @@
+"""Run folders, atomic writes and `load_run`.
+
+Layout: <results>/<dataset>/<method>/<arch>/<config-hash>/seed-<k>/ holding
+    config.yaml     the resolved config (written first)
+    metrics.csv     one row per evaluated epoch
+    checkpoint.pt   model, optimizer, scheduler, power iterates, RNG states, epoch (atomic, every epoch)
+    result.json     the final metrics (written last, atomically; its presence means the run is finished)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional
+
+import torch
+import yaml
+
+from bench.config import config_hash
+
+RESULT = "result.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+CHECKPOINT = "checkpoint.pt"
+
+
+class CorruptRunError(ValueError):
+    """A run folder whose files are unreadable, truncated or inconsistent."""
+
+
+def run_dir(results: os.PathLike, cfg: Mapping[str, object]) -> Path:
+    return (Path(results) / str(cfg["dataset"]) / str(cfg["method"]) / str(cfg["arch"]) / config_hash(cfg)
+            / f"seed-{cfg['seed']}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_config(folder: Path, cfg: Mapping[str, object]) -> None:
+    atomic_write_text(folder / CONFIG, yaml.safe_dump(dict(cfg), sort_keys=True))
+
+
+def read_config(folder: Path) -> Dict[str, object]:
+    try:
+        cfg = yaml.safe_load((Path(folder) / CONFIG).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CorruptRunError(f"{folder}: unreadable {CONFIG}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CorruptRunError(f"{folder}: {CONFIG} is not a mapping")
+    return cfg
+
+
+def write_metrics(folder: Path, rows: List[Mapping[str, object]]) -> None:
+    """Rewrite metrics.csv atomically from all rows so far (a resumed run never duplicates a row)."""
+    if not rows:
+        return
+    fields: List[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(folder) / METRICS, buf.getvalue())
+
+
+def read_metrics(folder: Path) -> List[Dict[str, str]]:
+    path = Path(folder) / METRICS
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_checkpoint(folder: Path, state: Mapping[str, object]) -> None:
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    atomic_write_bytes(Path(folder) / CHECKPOINT, buf.getvalue())
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> Dict[str, object]:
+    """Load tensors and plain containers only (`weights_only=True`): a pickled object is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any unpickling failure means the file cannot be trusted)
+        raise CorruptRunError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+REQUIRED_RESULT_KEYS = ("method", "arch", "dataset", "seed", "config_hash", "status", "epochs", "K_f", "K_hf",
+                        "lower_bound", "tightness", "train_seconds", "device", "torch", "commit", "eval")
+
+
+def read_result(folder: Path) -> Dict[str, object]:
+    """A run's result.json, checked against its config; raises CorruptRunError if anything is off."""
+    folder = Path(folder)
+    try:
+        result = json.loads((folder / RESULT).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptRunError(f"{folder}: unreadable {RESULT}: {e}") from None
+    if not isinstance(result, dict):
+        raise CorruptRunError(f"{folder}: {RESULT} is not a JSON object")
+    missing = [k for k in REQUIRED_RESULT_KEYS if k not in result]
+    if missing:
+        raise CorruptRunError(f"{folder}: {RESULT} lacks {', '.join(missing)}")
+    cfg = read_config(folder)
+    if config_hash(cfg) != result["config_hash"] or folder.parent.name != result["config_hash"]:
+        raise CorruptRunError(f"{folder}: config hash mismatch (config.yaml edited or folder moved)")
+    if int(cfg.get("seed", -1)) != int(result["seed"]) or folder.name != f"seed-{result['seed']}":
+        raise CorruptRunError(f"{folder}: seed mismatch between folder, config and result")
+    return result
+
+
+def find_runs(results: os.PathLike) -> Iterable[Path]:
+    """Every run folder (one holding config.yaml) below `results`."""
+    root = Path(results)
+    if not root.exists():
+        return []
+    return sorted(p.parent for p in root.rglob(CONFIG))
+
+
+class Run:
+    """A finished run, loaded for use from Python (`from bench import load_run`)."""
+
+    def __init__(self, folder: Path, device="cpu"):
+        from bench import train as engine  # local: train imports store
+
+        self.folder = Path(folder)
+        self.result = read_result(self.folder)
+        self.config = read_config(self.folder)
+        self._data = None
+        self.model = engine.build_model(self.config, self.data_bundle(), device=device)
+        state = load_checkpoint(self.folder / CHECKPOINT, map_location=device)
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        self.model.converge(tol=float(self.config["converge_tol"]))
+        self.bound = self.model.certified_bound()
+
+    def data_bundle(self):
+        if self._data is None:
+            from bench import train as engine
+
+            self._data = engine.build_data(self.config)
+        return self._data
+
+    def data(self, split: str):
+        """The split's inputs (data units, no augmentation) and labels, on CPU."""
+        bundle = self.data_bundle()
+        x, y = bundle.split(split)
+        return bundle.inputs(x), y
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        from bench.certify import DTYPES, predict
+
+        return predict(self.model, x, DTYPES[str(self.config["certify_dtype"])])
+
+    def certified(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """A bool per input: its prediction is certified at radius eps (strict; ties are not certified)."""
+        from bench.certify import certified
+
+        return certified(self.logits(x), self.bound, float(eps), self.model.num_classes)
+
+
+def load_run(folder: os.PathLike, device: str = "cpu") -> Run:
+    return Run(Path(folder), device=device)
+
+
+def result_or_none(folder: Path) -> Optional[Dict[str, object]]:
+    return read_result(folder) if (Path(folder) / RESULT).exists() else None
+
+
+def write_diverged(folder: Path, cfg: Mapping[str, object], reason: str) -> Dict[str, object]:
+    """Record a run that diverged: status `diverged` with the reason, no metrics (never aggregated)."""
+    import torch as _torch
+
+    from bench.train import git_commit
+
+    result = {"method": cfg["method"], "arch": cfg["arch"], "dataset": cfg["dataset"], "seed": int(cfg["seed"]),
+              "config_hash": config_hash(cfg), "status": "diverged", "reason": reason, "epochs": int(cfg["epochs"]),
+              "train_subset": cfg.get("train_subset"), "eval": {}, "K_f": None, "K_hf": None, "lower_bound": None,
+              "tightness": None, "train_seconds": None, "device": None, "torch": _torch.__version__,
+              "commit": git_commit()}
+    write_config(Path(folder), cfg)
+    write_json(Path(folder) / RESULT, result)
+    return result

@@ -1,0 +1,2 @@
+"""Method plugins, one file each. Importing this package registers them all."""
+from methods import cll, gloro, standard  # noqa: F401

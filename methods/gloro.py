@@ -1,0 +1,86 @@
+"""GloRo: Globally-Robust Neural Networks (Leino, Wang, Fredrikson, ICML 2021).
+
+With j = argmax f (the prediction, not the label) and the pairwise constants K_ji = K_up·‖W_j − W_i‖₂, GloRo
+appends the "bottom" logit
+
+    y⊥ = max_{i ≠ j} (f_i + ε·K_ji)
+
+and trains cross-entropy over the N+1 logits [f, y⊥] with the true label (⊥ is never a target). The gradient
+flows through f and through K (K_up from the power-iterated layers and ‖W_j − W_i‖), as in GloRo.
+
+Only the index j is excluded from the max. GloRo's `call` and the CLL port mask every logit equal to the
+maximum, so tied logits give y⊥ = −∞ and certify a point with zero margin (GloRo issue #9); lipbench does not
+reproduce that.
+
+ε schedules (`eps_schedule`): `fixed`; `poly`, ε(t) = ε·(1 − (1 − t/T)^γ) (the CLL repo's GloRo configs, γ = 5);
+`log` and `log_half`, GloRo's logarithmic interpolation from 0.01·ε to ε (over the whole run, or reaching ε at
+half-way). TRADES (`trades_lambda` > 0, a number or a schedule): CE over the first N entries of
+log_softmax([f, y⊥]) plus λ_T·CE(stop-grad([softmax(f), 0]), log_softmax([f, y⊥])), as in the CLL repo's port.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.method import Method
+from bench.nn.bound import PairwiseBound
+from bench.registry import register_method
+from bench.schedules import make_schedule
+
+
+def bottom_logit(logits: torch.Tensor, bound: PairwiseBound, eps: float, num_classes: int) -> torch.Tensor:
+    """y⊥ = max_{i≠j} f_i + ε·K_ji with j = argmax f (first index among ties). Shape [B]."""
+    j = logits.detach().argmax(dim=1)
+    K_j = bound.rows(j, num_classes)                               # [B, N], gradient through K_up and W
+    shifted = logits + eps * K_j
+    is_j = torch.zeros_like(logits, dtype=torch.bool).scatter(1, j[:, None], True)
+    return shifted.masked_fill(is_j, float("-inf")).amax(dim=1)
+
+
+def gloro_log_probs(logits, bound, eps, num_classes):
+    y_bot = bottom_logit(logits, bound, eps, num_classes)
+    return F.log_softmax(torch.cat([logits, y_bot[:, None]], dim=1), dim=1)
+
+
+def _eps_schedule(kind: str, eps: float, power: float):
+    specs = {
+        "fixed": eps,
+        "poly": {"schedule": "poly", "start": 0.0, "end": eps, "power": power},
+        "log": {"schedule": "log", "start": 0.01 * eps, "end": eps},
+        "log_half": {"schedule": "log_half", "start": 0.01 * eps, "end": eps},
+    }
+    if kind not in specs:
+        raise ValueError(f"unknown GloRo eps_schedule {kind!r}; use one of {sorted(specs)}")
+    return make_schedule(specs[kind])
+
+
+@register_method("gloro")
+class GloRo(Method):
+    hparams = {
+        "eps": 0.15,
+        "eps_schedule": "fixed",     # fixed | poly | log | log_half
+        "eps_schedule_power": 5.0,   # γ of the poly schedule
+        "trades_lambda": 0.0,        # λ_T; number or schedule (Table B4 Tiny-ImageNet: linear 0.5 → 20)
+    }
+    protocols = {
+        # Supplement B, Table B1: same training as CLL on two-moons; GloRo runs use a fixed ε.
+        "moons": {"epochs": 1000, "batch_size": 100, "lr": 1e-3, "lr_milestones": [400], "protocol_epochs": 1000},
+    }
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        self.eps = float(cfg["eps"])
+        self.eps_at = _eps_schedule(str(cfg["eps_schedule"]), self.eps, float(cfg["eps_schedule_power"]))
+        self.trades = make_schedule(cfg["trades_lambda"])
+
+    def loss(self, logits, y, bound, progress):
+        eps = self.eps_at(progress)
+        log_probs = gloro_log_probs(logits, bound, eps, self.num_classes)
+        lam_t = self.trades(progress)
+        if lam_t > 0:
+            nll = F.nll_loss(log_probs[:, :-1], y)
+            target = torch.cat([F.softmax(logits, dim=1), torch.zeros_like(logits[:, :1])], dim=1).detach()
+            loss = nll + lam_t * (-(target * log_probs).sum(dim=1)).mean()
+        else:
+            loss = F.nll_loss(log_probs, y)
+        return loss, {"eps": eps}
