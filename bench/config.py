@@ -34,6 +34,7 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "lr": 1e-3,
     "weight_decay": 0.0,
     "momentum": 0.9,              # sgd only
+    "lr_schedule": "step",        # see bench/optim.py
     "lr_milestones": [],          # epochs of the protocol where lr is multiplied by lr_gamma
     "lr_gamma": 0.1,
     "protocol_epochs": None,      # the epoch count the milestones refer to; shorter runs scale them
@@ -82,6 +83,8 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
     try:
         method = METHODS.get(str(spec["method"]))
         dataset = DATASETS.get(str(spec["dataset"]))
+        # a method may give a short name a meaning of its own (e.g. `--arch xl` with CPL means CPL-XL)
+        spec = {**spec, "arch": getattr(method, "arch_aliases", {}).get(str(spec["arch"]), str(spec["arch"]))}
         ARCHS.get(str(spec["arch"]))
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None

@@ -31,6 +31,14 @@ class Method(ABC):
              progress: float) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Mean training loss at training progress t/T, and scalars to log."""
 
+    #: short architecture names this method resolves to its own architectures, e.g. {"xl": "cpl-xl"}
+    arch_aliases: Dict[str, str] = {}
+
+    def published_cra(self, logits: torch.Tensor, y: torch.Tensor, model, eps: Dict[str, float]):
+        """CRA per ε under the method's *published* certificate rule, when it differs from the sound one
+        (recorded next to it in result.json). None when the published rule is the engine's."""
+        return None
+
     def K_hf(self, bound: PairwiseBound) -> float:
         """K(h∘f), the Lipschitz constant of the loss's output map composed with f. For losses whose h is a
         plain softmax this is K̄(f) = max_ij K_ij (the paper's tables print the same number)."""

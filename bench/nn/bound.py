@@ -129,7 +129,10 @@ class LipschitzNet(nn.Module):
         return self.classifier(self.features(x))
 
     def _classifier_rows(self) -> Optional[torch.Tensor]:
-        return None if self.last_layer_one_lipschitz else self.classifier.weight
+        """The rows W_i of the last layer's effective weight (a normalized last layer exposes `rows()`)."""
+        if self.last_layer_one_lipschitz:
+            return None
+        return self.classifier.rows() if hasattr(self.classifier, "rows") else self.classifier.weight
 
     def bound(self, n_iter: int = 5) -> PairwiseBound:
         """Training-time pairwise bound: `n_iter` power-iteration steps per layer, gradient through σ."""
