@@ -212,16 +212,31 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
     return finish_run(cfg, folder, model, method, data, train_seconds, device)
 
 
+def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
+    """(pairs, Adam steps) of the empirical lower bound. A full run uses `lower_bound_pairs`/`_steps`
+    (supplement C: 4000 × 1000); a short run (fewer epochs than its protocol, or a train subset) uses at most
+    `lower_bound_pairs_short`/`_steps_short` where the dataset sets them. result.json records what was used."""
+    pairs, steps = int(cfg["lower_bound_pairs"]), int(cfg["lower_bound_steps"])
+    proto = cfg.get("protocol_epochs")
+    if cfg.get("train_subset") or (proto and int(cfg["epochs"]) < int(proto)):
+        if cfg.get("lower_bound_pairs_short") is not None:
+            pairs = min(pairs, int(cfg["lower_bound_pairs_short"]))
+        if cfg.get("lower_bound_steps_short") is not None:
+            steps = min(steps, int(cfg["lower_bound_steps_short"]))
+    return pairs, steps
+
+
 def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device) -> Dict[str, object]:
     ev = evaluate(model, method, data, cfg)
     bound = model.certified_bound()
     K_f = float(bound.max(data.num_classes))
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
     lobo = 0.0
-    if int(cfg["lower_bound_pairs"]) > 0 and int(cfg["lower_bound_steps"]) >= 0:
+    lb_pairs, lb_steps = lower_bound_budget(cfg)
+    lb_pairs = min(lb_pairs, len(data.y_train) // 2)  # as many pairs as the training pool holds
+    if lb_pairs > 0 and lb_steps >= 0:
         x_pool = data.inputs(data.x_train)
-        lobo = certify.lower_bound(model, x_pool, int(cfg["lower_bound_pairs"]), int(cfg["lower_bound_steps"]),
-                                   float(cfg["lower_bound_lr"]), data.domain, gen)
+        lobo = certify.lower_bound(model, x_pool, lb_pairs, lb_steps, float(cfg["lower_bound_lr"]), data.domain, gen)
     result = {
         "method": cfg["method"], "arch": cfg["arch"], "dataset": cfg["dataset"], "seed": int(cfg["seed"]),
         "config_hash": store.config_hash(cfg), "status": "complete", "epochs": int(cfg["epochs"]),
@@ -230,7 +245,7 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
         "K_f": K_f, "K_up": float(bound.K_up), "K_hf": float(method.K_hf(bound)),
         "layer_bounds": model.layer_bounds(),
         "lower_bound": lobo, "tightness": lobo / K_f if K_f > 0 else float("nan"),
-        "lower_bound_pairs": int(cfg["lower_bound_pairs"]), "lower_bound_steps": int(cfg["lower_bound_steps"]),
+        "lower_bound_pairs": lb_pairs, "lower_bound_steps": lb_steps,
         "params": count_parameters(model),
         "certificate": method.certificate,
         "train_seconds": round(train_seconds, 3),

@@ -90,6 +90,23 @@ class CLL(Method):
         "moons": {"epochs": 1000, "batch_size": 100, "lr": 1e-3, "lr_milestones": [400],
                   "protocol_epochs": 1000, "lam": 1e-6, "one_sided": True,
                   "p": {"schedule": "poly", "start": 1e-3, "end": 1e-12, "power": 50}},
+        # Table B4 (CLL on 4C3F and 6C2F) and the official cifar10_4C3F_cll_* configs: 800 epochs (the configs
+        # run 801), batch 128, Adam 1e-3 without weight decay, ×0.1 at epochs 400/600/780, ε = δ = 0.15, fixed,
+        # 5 power iterations, p = 0.3 (Table B4 prints 0.15 = q/2; the configs' err_quantile is 0.3), λ = 1e-4.
+        # The official 6C2F configs use λ = 1e-6 instead (suites/cifar10.yaml sets it per cell).
+        "cifar10": {"epochs": 800, "batch_size": 128, "lr": 1e-3, "lr_milestones": [400, 600, 780],
+                    "protocol_epochs": 800, "eps": 0.15, "p": 0.3, "lam": 1e-4},
+        # The paper trains no plain net on CIFAR-100: the plain-net CIFAR schedule above with Table B4's
+        # CIFAR-100 loss settings (CLL on CPL-XL: ε = δ = 1.0, p = 1e-3, λ = 1e-3; SLL-XL uses p = 3e-3).
+        "cifar100": {"epochs": 800, "batch_size": 128, "lr": 1e-3, "lr_milestones": [400, 600, 780],
+                     "protocol_epochs": 800, "eps": 1.0, "p": 1e-3, "lam": 1e-3},
+        # Table B4 (CLL on 8C2F) and the official tiny-imagenet_8C2F_cll_* configs: 800 epochs, batch 256, Adam
+        # 2.5e-4 ×0.1 at 400/600/780, β polynomial 0.01 → 1 with γ = 10, ε = 0.5 with p = 0.01 (Table 1's first
+        # row) and λ = 1e-5. The ε = 1.0, p = 0.025 runs use λ = 1e-3 in the official configs (Table B4: 1e-5);
+        # suites/tinyimagenet.yaml holds both cells.
+        "tinyimagenet": {"epochs": 800, "batch_size": 256, "lr": 2.5e-4, "lr_milestones": [400, 600, 780],
+                         "protocol_epochs": 800, "eps": 0.5, "p": 0.01, "lam": 1e-5,
+                         "beta": {"schedule": "poly", "start": 0.01, "end": 1.0, "power": 10}},
     }
     certificate = Method.certificate
 

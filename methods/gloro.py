@@ -65,6 +65,22 @@ class GloRo(Method):
     protocols = {
         # Supplement B, Table B1: same training as CLL on two-moons; GloRo runs use a fixed ε.
         "moons": {"epochs": 1000, "batch_size": 100, "lr": 1e-3, "lr_milestones": [400], "protocol_epochs": 1000},
+        # Table B4 (GloRo on 4C3F and 6C2F): 800 epochs, batch 128, Adam 1e-3 ×0.1 at 400/600/780, ε = 0.15,
+        # 5 power iterations. Table B4 names a logarithmic ε schedule; the official CLL-repo GloRo configs
+        # (cifar10_gloro_eps_sweep), which produced the paper's GloRo 4C3F† numbers, ramp ε polynomially
+        # 0 → 0.15 with power 5: that is used here (`--set eps_schedule=log` gives Table B4's).
+        "cifar10": {"epochs": 800, "batch_size": 128, "lr": 1e-3, "lr_milestones": [400, 600, 780],
+                    "protocol_epochs": 800, "eps": 0.15, "eps_schedule": "poly", "eps_schedule_power": 5.0},
+        # No published GloRo recipe for CIFAR-100: the CIFAR-10 one.
+        "cifar100": {"epochs": 800, "batch_size": 128, "lr": 1e-3, "lr_milestones": [400, 600, 780],
+                     "protocol_epochs": 800, "eps": 0.15, "eps_schedule": "poly", "eps_schedule_power": 5.0},
+        # Table B4 (GloRo on 8C2F, Tiny-ImageNet; the paper's own re-run, no official config): 800 epochs,
+        # batch 256, Adam 2.5e-4 ×0.1 at 400/600/780, ε = 0.15 with the logarithmic schedule, 5 power
+        # iterations, TRADES λ_T linear 0.5 → 20. Table B4 reaches 20 at epoch 400 and holds it; the linear
+        # schedule here spans the whole run (bench/schedules.py has no reach-then-hold form).
+        "tinyimagenet": {"epochs": 800, "batch_size": 256, "lr": 2.5e-4, "lr_milestones": [400, 600, 780],
+                         "protocol_epochs": 800, "eps": 0.15, "eps_schedule": "log",
+                         "trades_lambda": {"schedule": "linear", "start": 0.5, "end": 20.0}},
     }
 
     def __init__(self, cfg, num_classes):
