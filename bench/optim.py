@@ -2,12 +2,19 @@
 
 The lr schedule is stepped once per iteration. `lr_schedule: step` multiplies the lr by `lr_gamma` at
 `lr_milestones` (epochs of the protocol); a run given fewer epochs than its protocol (`protocol_epochs`) has its
-milestones scaled in proportion, e.g. 400/600/780 of 800 becomes 50%, 75% and 97.5% of the run.
+milestones scaled in proportion, e.g. 400/600/780 of 800 becomes 50%, 75% and 97.5% of the run (SOC's
+×0.1 at 50% and 75% of the steps is `lr_milestones: [100, 150]` of `protocol_epochs: 200`).
+
+`lr_schedule: triangular` is CPL's piecewise-linear schedule (Meunier et al. 2022, `TriangularLRScheduler`):
+0 → lr at 2/5 of the steps → lr/20 at 4/5 → 0 at the end, stepped per iteration over the run's own length.
+The official CPL trainer calls it with t = epoch·len + batch + 1 and epochs counted from 1, i.e. one epoch
+ahead: its peak comes an epoch early and its last epoch runs at lr 0. lipbench evaluates step k at t = k + 1.
 """
 from __future__ import annotations
 
 from typing import List, Mapping
 
+import numpy as np
 import torch
 
 
@@ -38,4 +45,13 @@ def make_lr_scheduler(cfg: Mapping[str, object], opt: torch.optim.Optimizer, ste
     kind = str(cfg.get("lr_schedule", "step"))
     if kind == "step":
         return torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(cfg, steps_per_epoch), float(cfg["lr_gamma"]))
-    raise ValueError(f"unknown lr_schedule {kind!r}; use 'step'")
+    if kind == "triangular":
+        total = max(1, int(cfg["epochs"]) * steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: triangular_factor(k + 1, total))
+    raise ValueError(f"unknown lr_schedule {kind!r}; use 'step' or 'triangular'")
+
+
+def triangular_factor(t: int, total: int) -> float:
+    """CPL's lr factor at iteration t of `total`: linear 0 → 1 → 1/20 → 0 with knots at 0, 2T/5, 4T/5, T
+    (integer knots, as the official `np.interp` call)."""
+    return float(np.interp(t, [0, total * 2 // 5, total * 4 // 5, total], [0.0, 1.0, 1.0 / 20.0, 0.0]))

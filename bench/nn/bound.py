@@ -87,6 +87,18 @@ def bounded_layers(module: nn.Module) -> Iterable[nn.Module]:
             raise TypeError(f"{type(child).__name__} has no Lipschitz bound; wrap it or declare lipschitz_one")
 
 
+class NormalizedLinear(nn.Linear):
+    """Last-layer normalization (LLN; Singla et al. ICLR 2022, also CPL's `LinearNormalized`): logits
+    z_i = ŵ_i·x + b_i with ŵ_i = W_i/‖W_i‖. Not 1-Lipschitz as a whole; `rows()` gives ŵ, so a LipschitzNet
+    certifies pairwise with ‖ŵ_i − ŵ_j‖. Flattens its input."""
+
+    def rows(self) -> torch.Tensor:
+        return self.weight / torch.linalg.vector_norm(self.weight, dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.flatten(1), self.rows(), self.bias)
+
+
 class LipschitzNet(nn.Module):
     """classifier ∘ features ∘ normalize, with a pairwise Lipschitz bound.
 
@@ -136,7 +148,9 @@ class LipschitzNet(nn.Module):
 
     def bound(self, n_iter: int = 5) -> PairwiseBound:
         """Training-time pairwise bound: `n_iter` power-iteration steps per layer, gradient through σ."""
-        K_up = torch.ones((), device=self.classifier.weight.device, dtype=self.classifier.weight.dtype)
+        # device and dtype from any parameter: a 1-Lipschitz last layer may have no `weight` (truncation, SOC)
+        ref = next(self.parameters())
+        K_up = torch.ones((), device=ref.device, dtype=ref.dtype)
         for layer in self._layers:
             K_up = K_up * layer.train_bound(n_iter)
         if self.last_layer_one_lipschitz:
@@ -150,6 +164,13 @@ class LipschitzNet(nn.Module):
 
     def layer_bounds(self) -> list:
         return [float(layer.certified_bound()) for layer in self._layers]
+
+    def nominal_bound(self) -> PairwiseBound:
+        """K with every layer taken as exactly 1-Lipschitz, only the input normalization counted: the rule that
+        1-Lipschitz families publish (SOC, CPL, ...). Not a certificate: `certified_bound()` is."""
+        rows = self._classifier_rows()
+        return PairwiseBound(torch.tensor(self.input_factor, dtype=torch.float64),
+                             None if rows is None else rows.detach().cpu().double())
 
     def certified_bound(self) -> PairwiseBound:
         """The sound float64 bound from converged layers (raises UnconvergedBoundError if stale)."""

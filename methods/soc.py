@@ -1,0 +1,497 @@
+"""SOC: Skew Orthogonal Convolutions (Singla & Feizi, ICML 2021), with last-layer normalization (LLN),
+certificate regularization (CR) and Householder activations (HH1, HH2) from Singla, Singla & Feizi, "Improved
+deterministic l2 robustness on CIFAR-10 and CIFAR-100" (ICLR 2022). Official code: singlasahil14/SOC.
+
+**Layer.** A free filter P ∈ R^{M×M×k×k}, M = max(c_in·s², c_out), gives the skew filter
+
+    A = ½(P − Pᵀ),      Pᵀ: swap the channel axes and flip both spatial axes (`transpose_filter`),
+
+whose zero-padded 'same' convolution is exactly skew-adjoint, so exp(A) is orthogonal. A is scaled by
+`correction`/σ (0.7, or 1 for 1×1 kernels), σ = the smallest of four power-iteration estimates of the spectral
+norms of four reshapes of A (the "fantastic four", without their √(hw) factor). The output is the truncated
+series z = Σ_{i=0}^{K} Aⁱx/i! (cur ← conv(cur, A)/i; z ← z + cur), K = 5 in training and 12 in eval, plus a
+bias. Stride 2 is a space-to-depth rearrangement first (c_in → 4c_in); c_out > c_in zero-pads the input
+channels, c_out < c_in keeps the first c_out output channels. σ's iterates get 1 step per training forward and
+a 50-step refresh every 200 training forwards, none in eval.
+
+The official `__init__` runs the 50-step refresh on a filter that `reset_parameters()` then redraws, so a fresh
+official model is garbage in eval until its first training forward (reference/peer-methods.md §2). Here the
+refresh runs on the final filter: a fresh model certifies correctly.
+
+**Certificate (sound).** The truncated series is only close to orthogonal. Each layer's certified bound is the
+larger of (i) 1 + Σ_{i>K} aⁱ/i! ≥ ‖T_K(A)‖ (‖exp A‖ = 1, triangle inequality on the tail), with a ≥ ‖A‖ taken
+as √(hw)·‖R₃‖₂, R₃ = A reshaped to M × M·k² (‖Σ_pq S_pq A_pq x‖ ≤ Σ_pq ‖A_pq x‖ ≤ √(hw)·‖R₃‖·‖x‖ for zero-padded
+shifts S_pq; ‖R₃‖₂ by power iteration with a 1% margin); and (ii) the converged power iteration of the eval
+operator (with the engine's residual inflation). The published rule (`published_cra`) takes every
+layer as exactly 1: L = 1/min(std) (std 0.2507: L = 3.99), top1 − top2 > √2·ε·L, or with LLN
+min_j (z_top − z_j)/‖ŵ_top − ŵ_j‖ > ε·L.
+
+**Loss (CR).** CE(z, y) − γ·mean(relu(cert_y)), cert_y = min_{j≠y} (z_y − z_j)/K_yj computed at the label
+(ICLR 2022 eq. for CR; γ = 0 is the ICML 2021 loss).
+
+**Architectures** `lipconv-{10,20}` (LipConvNet-5b, b = 2 or 4): five stages of b SOC layers (b − 1 stride-1
+3×3, then one stride-2: 3×3 in stages 1–4, 1×1 in stage 5), an activation after each, channels
+32→64→128→256→512→1024, then the last layer: a 1×1 SOC to the classes (default, 1-Lipschitz), LLN (`-lln`),
+or an unconstrained linear layer (`-linear`, the reference paper's CLL runs). Activation HH1 by default (the
+ICLR 2022 paper's best and the reference paper's runs; the official CLI default is MaxMin): `-maxmin`, `-hh2`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench import certify
+from bench.method import Method
+from bench.nn.bound import LipschitzNet, NormalizedLinear
+from bench.nn.lipschitz import PowerIterated, UnconvergedBoundError
+from bench.registry import register_arch, register_method
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+SOC_STD = (0.2507, 0.2507, 0.2507)  # the official `cifar10_std`, used for CIFAR-10, CIFAR-100 and Tiny-ImageNet
+
+
+def transpose_filter(P: torch.Tensor) -> torch.Tensor:
+    """The filter of the adjoint convolution: channel axes swapped, both spatial axes flipped."""
+    return P.transpose(0, 1).flip(2, 3)
+
+
+def _l2_normalize(t: torch.Tensor) -> torch.Tensor:
+    return t / torch.linalg.vector_norm(t).clamp_min(1e-12)
+
+
+def taylor_tail(a: float, terms: int) -> float:
+    """Σ_{i>K} aⁱ/i! = e^a − Σ_{i≤K} aⁱ/i!, summed term by term (no cancellation). inf on overflow."""
+    if a <= 0.0:
+        return 0.0
+    try:
+        term = math.exp((terms + 1) * math.log(a) - math.lgamma(terms + 2))
+    except OverflowError:
+        return math.inf
+    total, i = 0.0, terms + 1
+    while term > 0.0:
+        total += term
+        i += 1
+        term *= a / i
+        if i > a and term <= 1e-17 * total:
+            break
+        if not math.isfinite(total):
+            return math.inf
+    return total
+
+
+class SkewOrthogonalConv(PowerIterated, nn.Module):
+    """One SOC layer (official `SOC`): parameters keep the official names (`random_conv_filter`, `bias`,
+    `u1..v4`, `correction`), so official state_dicts load."""
+
+    #: the four reshapes of an [o, i, p, q] filter as bilinear forms vᵀ R u: (u indices, v indices). Official
+    #: shapes: u1 (1,M,1,k) v1 (M,1,k,1); u2 (1,M,k,1) v2 (M,1,1,k); u3 (1,M,k,k) v3 (M,1,1,1); u4 (M,1,k,k) v4 (1,M,1,1)
+    _RESHAPES = {1: ("iq", "op"), 2: ("ip", "oq"), 3: ("ipq", "o"), 4: ("opq", "i")}
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 bias: bool = True, train_terms: int = 5, eval_terms: int = 12, init_iters: int = 50,
+                 update_iters: int = 1, update_freq: int = 200, correction: float = 0.7):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"SOC supports stride 1 or 2, got {stride}")
+        if kernel_size % 2 == 0:
+            raise ValueError("SOC needs an odd kernel (the 'same' zero padding makes A skew-adjoint)")
+        self.in_channels = in_channels * stride * stride      # after space-to-depth
+        self.out_channels = out_channels
+        self.max_channels = M = max(self.out_channels, self.in_channels)
+        self.kernel_size, self.stride = kernel_size, stride
+        self.train_terms, self.eval_terms = train_terms, eval_terms
+        self.init_iters, self.update_iters, self.update_freq = init_iters, update_iters, update_freq
+        k = kernel_size
+        self.random_conv_filter = nn.Parameter(torch.empty(M, M, k, k))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        shapes = {"u1": (1, M, 1, k), "v1": (M, 1, k, 1), "u2": (1, M, k, 1), "v2": (M, 1, 1, k),
+                  "u3": (1, M, k, k), "v3": (M, 1, 1, 1), "u4": (M, 1, k, k), "v4": (1, M, 1, 1)}
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.empty(shape))
+        self.register_buffer("correction", torch.tensor([1.0 if k == 1 else correction]))
+        self.register_buffer("total_iters", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("r3_iterate", torch.empty(0), persistent=False)  # warm start of ‖R₃‖
+        self._total_iters = 0  # host copy of the counter: reading the buffer every forward would sync the GPU
+        self._init_power_iteration()
+        self.reset_parameters()
+
+    # -- parameters and σ ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> nn.Parameter:  # what the engine's power iteration and staleness key look at
+        return self.random_conv_filter
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.random_conv_filter, std=1.0 / math.sqrt(self.max_channels))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.out_channels)
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            for i in range(1, 5):
+                for side in "uv":
+                    buf = getattr(self, f"{side}{i}")
+                    buf.copy_(_l2_normalize(torch.randn_like(buf)))
+            # the official code iterates on the filter *before* re-drawing it (init-order bug); here, after
+            self.update_sigma_iterates(self.skew_filter(), self.init_iters)
+
+    def skew_filter(self, P: Optional[torch.Tensor] = None) -> torch.Tensor:
+        P = self.random_conv_filter if P is None else P
+        return 0.5 * (P - transpose_filter(P))
+
+    def _uv(self, i: int, dtype):
+        u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
+        ui, vi = self._RESHAPES[i]
+        return u.to(dtype).reshape([u.shape[d] for d in self._dims(ui)]), \
+            v.to(dtype).reshape([v.shape[d] for d in self._dims(vi)])
+
+    @staticmethod
+    def _dims(idx: str):
+        return ["oipq".index(c) for c in idx]
+
+    @torch.no_grad()
+    def update_sigma_iterates(self, A: torch.Tensor, n_iter: int) -> None:
+        """`n_iter` alternating power steps on each of the four reshapes of A (official `update_sigma`),
+        written as contractions instead of broadcast products (no M²k² temporaries)."""
+        A = A.detach()
+        for _ in range(n_iter):
+            for i in range(1, 5):
+                ui, vi = self._RESHAPES[i]
+                u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
+                uu, _ = self._uv(i, A.dtype)
+                v.copy_(_l2_normalize(torch.einsum(f"oipq,{ui}->{vi}", A, uu)).reshape(v.shape))
+                _, vv = self._uv(i, A.dtype)
+                u.copy_(_l2_normalize(torch.einsum(f"oipq,{vi}->{ui}", A, vv)).reshape(u.shape))
+
+    def sigma(self, A: torch.Tensor) -> torch.Tensor:
+        """min_i vᵢᵀ Rᵢ uᵢ = min_i Σ A·uᵢ·vᵢ (the four Rayleigh quotients; differentiable in A)."""
+        vals = [torch.einsum(f"oipq,{ui},{vi}->", A, *self._uv(i, A.dtype))
+                for i, (ui, vi) in self._RESHAPES.items()]
+        return torch.stack(vals).min()
+
+    def scaled_filter(self, P: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """correction·A/σ with the current iterates (no update)."""
+        A = self.skew_filter(P)
+        return self.correction.to(A.dtype) * A / self.sigma(A)
+
+    # -- the map -------------------------------------------------------------------------------------------
+    def series(self, z: torch.Tensor, A_n: torch.Tensor, terms: int) -> torch.Tensor:
+        """Σ_{i=0}^{terms} A_nⁱ z / i!, in the official order of operations."""
+        out, cur = z, z
+        pad = self.kernel_size // 2
+        for i in range(1, terms + 1):
+            cur = F.conv2d(cur, A_n, padding=pad) / float(i)
+            out = out + cur
+        return out
+
+    def linear_map(self, x: torch.Tensor, A_n: torch.Tensor, terms: int) -> torch.Tensor:
+        """The layer without its bias: space-to-depth, channel padding, T_K(A_n), channel truncation."""
+        if self.stride > 1:  # einops "b c (w k1) (h k2) -> b (c k1 k2) w h": channel c·4 + k1·2 + k2
+            x = F.pixel_unshuffle(x, self.stride)
+        if self.out_channels > self.in_channels:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        z = self.series(x, A_n, terms)
+        return z[:, :self.out_channels] if self.out_channels < self.in_channels else z
+
+    def adjoint_map(self, y: torch.Tensor, A_n: torch.Tensor, terms: int) -> torch.Tensor:
+        """Adjoint of `linear_map`: T_K(A)ᵀ = T_K(Aᵀ) and Aᵀ is the conv with transpose_filter(A_n) (= −A_n)."""
+        if self.out_channels < self.in_channels:
+            y = F.pad(y, (0, 0, 0, 0, 0, self.in_channels - self.out_channels))
+        z = self.series(y, transpose_filter(A_n), terms)
+        z = z[:, :self.in_channels]
+        return F.pixel_shuffle(z, self.stride) if self.stride > 1 else z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._ensure_iterate(x)
+        A = self.skew_filter()
+        if self.training:
+            n = self.init_iters if self._total_iters % self.update_freq == 0 else self.update_iters
+            self.update_sigma_iterates(A, n)
+            self._total_iters += 1
+            self.total_iters.fill_(self._total_iters)
+        A_n = self.correction.to(A.dtype) * A / self.sigma(A)
+        z = self.linear_map(x, A_n, self.train_terms if self.training else self.eval_terms)
+        return z if self.bias is None else z + self.bias.view(1, -1, 1, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._total_iters = int(self.total_iters)
+
+    # -- bounds (engine protocol) ------------------------------------------------------------------------------
+    def _iterate_shape(self, x):
+        return (1, *x.shape[-3:])
+
+    def _scaled_for(self, weight):
+        # the engine's power iteration calls operator/adjoint with one float64 weight: build A_n once for it
+        key = (weight.data_ptr(), weight._version, weight.dtype, self._weight_key())
+        if getattr(self, "_scaled_key", None) != key:
+            self._scaled_key, self._scaled = key, self.scaled_filter(weight).detach()
+        return self._scaled
+
+    def operator(self, v, weight):  # the eval-mode linear map, used by the engine's float64 power iteration
+        return self.linear_map(v, self._scaled_for(weight), self.eval_terms)
+
+    def adjoint(self, u, weight):
+        return self.adjoint_map(u, self._scaled_for(weight), self.eval_terms)
+
+    def _weight_key(self):
+        # the eval map depends on the filter, the σ iterates and the correction: any change makes the bound stale
+        bufs = tuple(getattr(self, f"{s}{i}")._version for i in range(1, 5) for s in "uv")
+        return super()._weight_key() + bufs + (self.correction._version,)
+
+    def train_bound(self, n_iter: int) -> torch.Tensor:
+        """SOC is orthogonal by construction: its losses (and CLL on it) use 1 per layer (no gradient)."""
+        return torch.ones((), device=self.weight.device, dtype=self.weight.dtype)
+
+    #: relative margin on the power-iterated ‖R₃‖ (the tail bound is insensitive: ×1.01 in a is ×1.14 in it)
+    R3_MARGIN = 1e-2
+
+    @torch.no_grad()
+    def filter_norm_bound(self, tol: float = 1e-6, max_iter: int = 20_000) -> float:
+        """a ≥ ‖A_n‖ of the zero-padded conv: √(hw)·‖R₃‖₂, R₃ = A_n as an M × M·k² matrix (for a skew filter the
+        other reshape with input channels as rows is a column permutation of −R₃, same norm). ‖R₃‖₂ comes from a
+        warm-started float64 power iteration, inflated by max(eigen-residual, R3_MARGIN): a matrix of M·k²
+        columns costs far less than the conv at its input size or an exact eigen-decomposition (M = 2048)."""
+        A = self.scaled_filter(self.weight.detach().double())
+        R = A.reshape(A.shape[0], -1)
+        v = self.r3_iterate.double() if self.r3_iterate.numel() == R.shape[1] else torch.randn(
+            R.shape[1], dtype=torch.float64, device=R.device)
+        v, prev = _l2_normalize(v), None
+        for _ in range(max_iter):
+            u = R @ v
+            rho = torch.dot(u, u)
+            Gv = R.T @ u
+            s = math.sqrt(rho.item())
+            if prev is not None and abs(s - prev) <= tol * max(s, 1e-300):
+                break
+            prev, v = s, _l2_normalize(Gv)
+        else:
+            raise UnconvergedBoundError(f"SOC: ‖R₃‖ power iteration did not reach {tol:g} in {max_iter} steps")
+        self.r3_iterate = v.to(self.r3_iterate.dtype)
+        residual = float(torch.linalg.vector_norm(Gv - rho * v) / rho) if rho > 0 else 0.0
+        return self.kernel_size * s * (1.0 + max(residual, self.R3_MARGIN))
+
+    def truncation_bound(self, terms: Optional[int] = None) -> float:
+        """1 + Σ_{i>K} aⁱ/i! ≥ ‖T_K(A_n)‖ (K = eval terms unless given)."""
+        return 1.0 + taylor_tail(self.filter_norm_bound(), self.eval_terms if terms is None else terms)
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-9, max_iter: int = 100_000, safety: float = 1e-5) -> float:
+        """max(truncation bound, converged power iteration of the eval map); cached until the key changes."""
+        if self._bound_key == self._weight_key() and not torch.isnan(self.sigma_bound):
+            return float(self.sigma_bound)
+        power = super().converge(tol=tol, max_iter=max_iter, safety=safety)
+        self._scaled_key = self._scaled = None
+        self.power_bound, self.series_bound = power, self.truncation_bound()
+        bound = max(power, self.series_bound)
+        self.sigma_bound.fill_(bound)
+        return bound
+
+
+class SOCHead(SkewOrthogonalConv):
+    """The official 1-Lipschitz last layer: a 1×1 SOC from the flattened features to the classes, [B, N]."""
+
+    def __init__(self, in_features: int, num_classes: int, **kw):
+        super().__init__(in_features, num_classes, kernel_size=1, stride=1, **kw)
+
+    def forward(self, x):
+        return super().forward(x.reshape(x.shape[0], -1, 1, 1)).flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations: 1-Lipschitz (piecewise orthogonal and continuous)
+# ---------------------------------------------------------------------------------------------------------
+class MaxMinHalves(nn.Module):
+    """SOC's MaxMin: the channel halves a, b give [max(a, b) | min(a, b)] (the engine's MaxMin pairs adjacent
+    channels instead)."""
+
+    lipschitz_one = True
+
+    def forward(self, z):
+        a, b = z.split(z.shape[1] // 2, 1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+class HouseHolder(nn.Module):
+    """HH1 (ICLR 2022): per channel pair (x, y) of the halves, identity where x·sin(θ/2) − y·cos(θ/2) ≤ 0, else
+    the reflection (x cos θ + y sin θ, x sin θ − y cos θ) across the line at angle θ/2 (continuous on it).
+    θ starts at π/2, where HH1 equals MaxMin with the min first."""
+
+    lipschitz_one = True
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"HouseHolder needs an even number of channels, got {channels}")
+        self.theta = nn.Parameter(0.5 * math.pi * torch.ones(1, channels // 2, 1, 1))
+
+    def forward(self, z):
+        x, y = z.split(z.shape[1] // 2, 1)
+        theta = self.theta
+        selector = x * torch.sin(0.5 * theta) - y * torch.cos(0.5 * theta)
+        a = torch.where(selector > 0, x * torch.cos(theta) + y * torch.sin(theta), x)
+        b = torch.where(selector > 0, x * torch.sin(theta) - y * torch.cos(theta), y)
+        return torch.cat([a, b], dim=1)
+
+
+class HouseHolderOrder2(nn.Module):
+    """HH2 (ICLR 2022): the plane of each channel pair is cut into four sectors by the angles θ₀..θ₂ (clamped
+    to [0, 2π]); the map is the identity, a reflection, a rotation and a reflection on them. The pieces agree
+    on the sector boundaries, so the map is continuous and piecewise orthogonal, hence 1-Lipschitz."""
+
+    lipschitz_one = True
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"HouseHolderOrder2 needs an even number of channels, got {channels}")
+        g = channels // 2
+        self.theta0 = nn.Parameter(math.pi * torch.rand(g))
+        self.theta1 = nn.Parameter(math.pi * torch.rand(g))
+        self.theta2 = nn.Parameter(math.pi * torch.rand(g))
+
+    def forward(self, z):
+        two_pi = 2 * math.pi
+        t0 = self.theta0.view(1, -1, 1, 1).clamp(0.0, two_pi)
+        t1 = self.theta1.view(1, -1, 1, 1).clamp(0.0, two_pi)
+        t2 = self.theta2.view(1, -1, 1, 1).clamp(0.0, two_pi)
+        x, y = z.split(z.shape[1] // 2, 1)
+        angle = torch.remainder(torch.atan2(y, x) - 0.5 * t0, two_pi)
+        ang1, ang2, ang3 = 0.5 * t1, 0.5 * (t1 + t2), 0.5 * (t1 + t2 + two_pi - t1)  # ang4 = 2π
+        s1, s2, s3 = angle < ang1, angle < ang2, angle < ang3
+        a = torch.where(s1, x, torch.where(s2, x * torch.cos(t0 + t1) + y * torch.sin(t0 + t1),
+                        torch.where(s3, x * torch.cos(t2) + y * torch.sin(t2), x * torch.cos(t0) + y * torch.sin(t0))))
+        b = torch.where(s1, y, torch.where(s2, x * torch.sin(t0 + t1) - y * torch.cos(t0 + t1),
+                        torch.where(s3, -x * torch.sin(t2) + y * torch.cos(t2), x * torch.sin(t0) - y * torch.cos(t0))))
+        return torch.cat([a, b], dim=1)
+
+
+ACTIVATIONS = {"maxmin": lambda c: MaxMinHalves(), "hh1": HouseHolder, "hh2": HouseHolderOrder2}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LipConvNet
+# ---------------------------------------------------------------------------------------------------------
+class LipConvNet(LipschitzNet):
+    """A LipschitzNet of SOC layers; activation parameters get no weight decay (official `parameter_lists`)."""
+
+    def param_groups(self, weight_decay: float):
+        act = {id(p) for m in self.modules() if isinstance(m, (HouseHolder, HouseHolderOrder2))
+               for p in m.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) in act], "weight_decay": 0.0},
+                  {"params": [p for p in self.parameters() if id(p) not in act], "weight_decay": weight_decay}]
+        return [g for g in groups if g["params"]]
+
+
+def lipconv_modules(input_shape: Sequence[int], num_classes: int, block_size: int, init_channels: int = 32,
+                    activation: str = "hh1", head: str = "soc"):
+    """(features, classifier, last_layer_one_lipschitz) of LipConvNet-(5·block_size) (official `LipConvNet`)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown SOC activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+    c, h, w = input_shape
+    if h % 32 or w % 32:
+        raise ValueError(f"LipConvNet halves the input 5 times; {h}×{w} is not divisible by 32")
+    layers, in_planes = [], c
+    for stage in range(5):
+        planes = init_channels if stage == 0 else in_planes
+        for i in range(block_size):
+            last = i == block_size - 1
+            stride, k = (2, 1 if stage == 4 else 3) if last else (1, 3)
+            layers += [SkewOrthogonalConv(in_planes, planes * stride, kernel_size=k, stride=stride),
+                       ACTIVATIONS[activation](planes * stride)]
+            in_planes = planes * stride
+    flat = in_planes * (h // 32) * (w // 32)
+    if head == "soc":
+        return nn.Sequential(*layers), SOCHead(flat, num_classes), True
+    if head == "lln":
+        return nn.Sequential(*layers), NormalizedLinear(flat, num_classes), False
+    if head == "linear":
+        return nn.Sequential(*layers, nn.Flatten()), nn.Linear(flat, num_classes), False
+    raise ValueError(f"unknown LipConvNet head {head!r}; use soc, lln or linear")
+
+
+def build_lipconv(input_shape, num_classes, normalize=None, **spec) -> LipConvNet:
+    features, classifier, one_lip = lipconv_modules(input_shape, num_classes, **spec)
+    return LipConvNet(features, classifier, input_shape, num_classes, normalize=normalize,
+                      last_layer_one_lipschitz=one_lip)
+
+
+def _register_lipconv(name: str, **spec):
+    def factory(input_shape, num_classes, normalize=None):
+        return build_lipconv(input_shape, num_classes, normalize, **spec)
+    factory.__doc__ = f"LipConvNet-{5 * spec['block_size']} (SOC), {spec}"
+    factory.spec = dict(spec)
+    register_arch(name)(factory)
+
+
+_HEADS = {"": "soc", "-lln": "lln", "-linear": "linear"}
+_ACTS = {"": "hh1", "-maxmin": "maxmin", "-hh2": "hh2"}
+for _depth in (10, 20):
+    for _head_sfx, _head in _HEADS.items():
+        for _act_sfx, _act in _ACTS.items():
+            _register_lipconv(f"lipconv-{_depth}{_head_sfx}{_act_sfx}", block_size=_depth // 5, activation=_act,
+                              head=_head)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------------------
+def label_certificates(logits: torch.Tensor, y: torch.Tensor, bound, num_classes: int) -> torch.Tensor:
+    """cert_y = min_{j≠y} (z_y − z_j)/K_yj (official `ortho_certificates` / `lln_certificates` at the label)."""
+    K = bound.rows(y, num_classes)
+    gap = logits.gather(1, y[:, None]) - logits
+    is_y = torch.zeros_like(logits, dtype=torch.bool).scatter(1, y[:, None], True)
+    ratio = gap / torch.where(is_y, torch.ones_like(K), K)
+    return ratio.masked_fill(is_y, float("inf")).amin(dim=1)
+
+
+_SOC_CIFAR = {
+    # train_robust.py defaults (ICML 2021 / ICLR 2022): 200 epochs, batch 128, SGD lr 0.1, momentum 0.9, weight
+    # decay 5e-4 (none on activation parameters: LipConvNet.param_groups), ×0.1 at 50% and 75% of the steps;
+    # RandomCrop(32, 4) + flip; Normalize(mean, 0.2507). The official trainer keeps `best.pth` by *test* CRA@36
+    # and reports it beside the last epoch; lipbench reports the last epoch only. Apex O2 (fp16) is not used.
+    "epochs": 200, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "lr_schedule": "step", "lr_milestones": [100, 150], "lr_gamma": 0.1, "protocol_epochs": 200,
+    "normalize": [list(CIFAR_MEAN), list(SOC_STD)], "augment": True,
+    "cert_eps": ["36/255", "72/255", "108/255"],
+}
+
+
+@register_method("soc")
+class SOC(Method):
+    hparams = {
+        "eps": 36 / 255,   # only the radius CRA is reported at when cert_eps names "eps"
+        "gamma": 0.0,      # γ of the certificate regularization (ICLR 2022; 0 is the ICML 2021 loss)
+    }
+    protocols = {
+        "cifar10": dict(_SOC_CIFAR),
+        # the official loader normalizes CIFAR-100 with the CIFAR-10 constants too
+        "cifar100": dict(_SOC_CIFAR),
+        # the reference paper's own SOC runs (mlosch/CLL soc/train_soc_on_tinyimagenet.sh, Table B3):
+        # LipConv-10 with LLN, γ = 0.3 (best of 0.05–0.4), CIFAR constants, horizontal flip only.
+        "tinyimagenet": {**_SOC_CIFAR, "gamma": 0.3},
+    }
+    certificate = ("sound: f_j − f_i > ε·K_ji, K = L·∏ layer bounds (truncation error or converged power "
+                   "iteration, ≥ 1) × (√2, or ‖ŵ_j − ŵ_i‖ with LLN); published: the same with every layer = 1")
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        self.gamma = float(cfg["gamma"])
+
+    def loss(self, logits, y, bound, progress):
+        ce = F.cross_entropy(logits, y)
+        cert = label_certificates(logits, y, bound, self.num_classes)
+        loss = ce - self.gamma * F.relu(cert).mean() if self.gamma else ce
+        return loss, {"ce": float(ce.detach()), "cert": float(cert.detach().clamp_min(0).mean())}
+
+    def published_cra(self, logits, y, model, eps: Dict[str, float]):
+        """The official rule: layers taken as exactly orthogonal (no truncation error), L = 1/min(std)."""
+        if not isinstance(model, LipConvNet):
+            return None
+        return certify.evaluate_logits(logits, y, model.nominal_bound(), eps, self.num_classes)["cra"]
+
+
+__all__ = ["SkewOrthogonalConv", "SOCHead", "MaxMinHalves", "HouseHolder", "HouseHolderOrder2", "LipConvNet",
+           "lipconv_modules", "build_lipconv", "label_certificates", "taylor_tail", "UnconvergedBoundError"]
