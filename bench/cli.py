@@ -23,6 +23,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo runs that are already complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")
+    p.add_argument("--download", action="store_true", help="fetch a missing CIFAR dataset through torchvision")
     p.add_argument("--train-subset", type=int, help="train on a fixed, seeded subset of N examples")
 
 
@@ -40,7 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     suite = sub.add_parser("suite", help="run a suite (suites/NAME.yaml), then print and write its table")
     suite.add_argument("name", help="suite name (suites/NAME.yaml) or a path to a YAML file")
     suite.add_argument("--seeds", type=int, help="override the suite's seed count")
+    suite.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    suite.add_argument("--partition", help="Slurm partition")
+    suite.add_argument("--time", default="6:00:00", help="Slurm time limit per run (requeued when exceeded)")
+    suite.add_argument("--max-parallel", type=int, default=16, help="Slurm array tasks running at once")
+    suite.add_argument("--gpus-per-task", type=int, default=1)
+    suite.add_argument("--cpus-per-task", type=int, default=8)
+    suite.add_argument("--mem-gb", type=int, default=32)
+    suite.add_argument("--dry-run", action="store_true", help="print what would be submitted")
+    suite.add_argument("--runs-per-gpu", type=int, default=1, help="local: runs sharing one GPU")
     _add_common(suite)
+
+    status = sub.add_parser("status", help="done, running, diverged, partial and missing runs of a suite")
+    status.add_argument("name")
+    status.add_argument("--results", default="results")
+    status.add_argument("--seeds", type=int, help="override the suite's seed count")
 
     table = sub.add_parser("table", help="aggregate the result.json files below a folder")
     table.add_argument("results", nargs="?", default="results")
@@ -49,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--split", default=None, help="evaluation split (test, train, test_lossless, ...)")
 
     sub.add_parser("list", help="show methods, architectures, datasets and suites")
+
+    # its options are parsed by benchmarks/perf.py itself (no "-" prefix here, so they all pass through)
+    perf = sub.add_parser("perf", add_help=False, prefix_chars="+",
+                          help="benchmark: CLL vs CE step, CIFAR-10 epoch, augmentation")
+    perf.add_argument("perf_args", nargs=argparse.REMAINDER, help="see `bench perf --help`")
     return parser
 
 
@@ -64,6 +84,8 @@ def _overrides(args) -> dict:
         over["data_root"] = args.data_root
     if args.train_subset is not None:
         over["train_subset"] = args.train_subset
+    if args.download:
+        over["download"] = True
     return over
 
 
@@ -89,8 +111,33 @@ def cmd_suite(args) -> int:
     if args.seeds is not None:
         suite["seeds"] = args.seeds
     cfgs = suite_runs(suite, _overrides(args))
-    run_all(cfgs, args.results, workers=args.workers, force=args.force, quiet=args.quiet)
+    if args.launcher == "slurm":
+        from bench.launch.slurm import submit
+
+        submit(cfgs, args.results, str(suite["name"]), args.partition, args.time, args.max_parallel,
+               dry_run=args.dry_run, force=args.force, gpus_per_task=args.gpus_per_task,
+               cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+        return 0
+    if args.dry_run:
+        from bench.launch.local import partition
+
+        todo, done = partition(cfgs, args.results, force=False)
+        print(f"suite {suite['name']}: {len(done)} finished, {len(todo)} to train (dry run)")
+        return 0
+    run_all(cfgs, args.results, workers=args.workers, force=args.force, quiet=args.quiet,
+            runs_per_gpu=args.runs_per_gpu)
     write_suite_outputs(suite, cfgs, Path(args.results))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from bench.config import load_suite, suite_runs
+    from bench.launch.status import print_status
+
+    suite = load_suite(args.name)
+    if args.seeds is not None:
+        suite["seeds"] = args.seeds
+    print_status(str(suite["name"]), suite_runs(suite), args.results)
     return 0
 
 
@@ -119,7 +166,20 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "suite": cmd_suite, "table": cmd_table, "list": cmd_list}
+def cmd_perf(args) -> int:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "perf.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"bench perf needs the repository's benchmarks/perf.py (not found at {path})")
+    spec = importlib.util.spec_from_file_location("lipbench_perf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.perf_args)
+
+
+COMMANDS = {"run": cmd_run, "suite": cmd_suite, "table": cmd_table, "list": cmd_list, "status": cmd_status,
+            "perf": cmd_perf}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -51,15 +51,19 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "normalize": None,            # None or [mean, std] per channel; 1/min(std) enters K
     "augment": False,
     "drop_last": True,
+    "chance_patience": 10,        # epochs at chance accuracy before a run is stopped as diverged (0: off)
+    "chance_margin": 0.02,        # "at chance" means accuracy ≤ 1/N + margin·(1 − 1/N)
+    "chance_min_steps": 1000,     # ... and the streak must also span this many optimizer steps
     # execution only: not part of the config hash
     "device": "auto",
     "threads": None,
     "eval_batch": 4096,
     "checkpoint_every": 1,
+    "sync_every": 50,             # steps between host syncs for the non-finite-loss check
     "data_root": None,            # where datasets live (--data-root, then BENCH_DATA, then the user cache)
     "download": False,            # fetch a missing dataset through torchvision when the user asks
 }
-EXECUTION_KEYS = {"device", "threads", "eval_batch", "checkpoint_every", "data_root", "download"}
+EXECUTION_KEYS = {"device", "threads", "eval_batch", "checkpoint_every", "data_root", "download", "sync_every"}
 NAME_KEYS = ("method", "arch", "dataset")
 SUITE_KEYS = {"name", "description", "seeds", "defaults", "cells", "grid", "paper", "table"}
 

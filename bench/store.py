@@ -9,12 +9,14 @@ Layout: <results>/<dataset>/<method>/<arch>/<config-hash>/seed-<k>/ holding
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import yaml
@@ -25,6 +27,7 @@ RESULT = "result.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
 
 
 class CorruptRunError(ValueError):
@@ -75,7 +78,7 @@ def write_config(folder: Path, cfg: Mapping[str, object]) -> None:
 def read_config(folder: Path) -> Dict[str, object]:
     try:
         cfg = yaml.safe_load((Path(folder) / CONFIG).read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:
         raise CorruptRunError(f"{folder}: unreadable {CONFIG}: {e}") from None
     if not isinstance(cfg, dict):
         raise CorruptRunError(f"{folder}: {CONFIG} is not a mapping")
@@ -118,6 +121,20 @@ def load_checkpoint(path: Path, map_location="cpu") -> Dict[str, object]:
         raise CorruptRunError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def _payload_checksum(result: Mapping[str, object]) -> str:
+    body = {k: v for k, v in result.items() if k != "checksum"}
+    blob = json.dumps(body, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_result(folder: Path, result: Dict[str, object]) -> Dict[str, object]:
+    """Write result.json last and atomically, sealed with a checksum of its content (hand edits show)."""
+    result = {k: v for k, v in result.items() if k != "checksum"}
+    result["checksum"] = _payload_checksum(json.loads(json.dumps(result, default=_json_default)))
+    write_json(Path(folder) / RESULT, result)
+    return result
+
+
 REQUIRED_RESULT_KEYS = ("method", "arch", "dataset", "seed", "config_hash", "status", "epochs", "K_f", "K_hf",
                         "lower_bound", "tightness", "train_seconds", "device", "torch", "commit", "eval")
 
@@ -127,13 +144,15 @@ def read_result(folder: Path) -> Dict[str, object]:
     folder = Path(folder)
     try:
         result = json.loads((folder / RESULT).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise CorruptRunError(f"{folder}: unreadable {RESULT}: {e}") from None
     if not isinstance(result, dict):
         raise CorruptRunError(f"{folder}: {RESULT} is not a JSON object")
     missing = [k for k in REQUIRED_RESULT_KEYS if k not in result]
     if missing:
         raise CorruptRunError(f"{folder}: {RESULT} lacks {', '.join(missing)}")
+    if result.get("checksum") != _payload_checksum(result):
+        raise CorruptRunError(f"{folder}: {RESULT} does not match its checksum (edited by hand or damaged)")
     cfg = read_config(folder)
     if config_hash(cfg) != result["config_hash"] or folder.parent.name != result["config_hash"]:
         raise CorruptRunError(f"{folder}: config hash mismatch (config.yaml edited or folder moved)")
@@ -212,5 +231,72 @@ def write_diverged(folder: Path, cfg: Mapping[str, object], reason: str) -> Dict
               "tightness": None, "train_seconds": None, "device": None, "torch": _torch.__version__,
               "commit": git_commit()}
     write_config(Path(folder), cfg)
-    write_json(Path(folder) / RESULT, result)
-    return result
+    return write_result(Path(folder), result)
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on <folder>/.lock), held while a process trains the run, so
+    two launches of one suite never train the same run twice. The OS drops it when the holder dies."""
+
+    def __init__(self, folder: os.PathLike):
+        self.path = Path(folder) / LOCK
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {os.uname().nodename}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def is_running(folder: os.PathLike) -> bool:
+    """True while some process holds the run's lock."""
+    if not (Path(folder) / LOCK).exists():
+        return False
+    probe = RunLock(folder)
+    if probe.acquire():
+        probe.release()
+        return False
+    return True
+
+
+RUN_STATES = ("complete", "diverged", "running", "partial", "missing", "corrupt")
+
+
+def run_state(folder: os.PathLike) -> Tuple[str, str]:
+    """(state, detail) of a run folder: complete, diverged, running (its lock is held), partial (interrupted,
+    resumable from a checkpoint), missing, or corrupt (unreadable or inconsistent files)."""
+    folder = Path(folder)
+    if (folder / RESULT).exists():
+        try:
+            result = read_result(folder)
+        except CorruptRunError as e:
+            return "corrupt", str(e)
+        if result["status"] == "diverged":
+            return "diverged", str(result.get("reason", ""))
+        return str(result["status"]), ""
+    epochs = len(read_metrics(folder)) if (folder / METRICS).exists() else 0
+    if is_running(folder):
+        return "running", f"epoch {epochs}"
+    if (folder / CHECKPOINT).exists():
+        return "partial", f"checkpoint after epoch {epochs}"
+    return "missing", ""

@@ -29,7 +29,23 @@ __version__ = "0.1.0"
 
 
 class DivergedError(RuntimeError):
-    """Training produced a non-finite loss (the run is recorded with status `diverged`)."""
+    """Training produced a non-finite loss or collapsed to chance (the run is recorded as `diverged`)."""
+
+
+class ChanceWatchdog:
+    """Flags a run whose training accuracy stays at chance, ≤ 1/N + margin·(1 − 1/N), for `patience`
+    consecutive epochs spanning at least `min_steps` optimizer steps (so a slow start on a tiny dataset is not
+    a collapse). Collapsed runs otherwise end up in published tables at 10% on CIFAR-10."""
+
+    def __init__(self, num_classes: int, patience: int, margin: float, min_steps: int):
+        self.patience, self.min_steps = patience, min_steps
+        self.threshold = 1.0 / num_classes + margin * (1.0 - 1.0 / num_classes)
+        self.epochs = self.steps = 0
+
+    def update(self, train_acc: float, steps: int) -> bool:
+        at_chance = train_acc <= self.threshold
+        self.epochs, self.steps = (self.epochs + 1, self.steps + steps) if at_chance else (0, 0)
+        return self.patience > 0 and self.epochs >= self.patience and self.steps >= self.min_steps
 
 
 def seed_everything(seed: int) -> None:
@@ -156,9 +172,10 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
     sched = make_lr_scheduler(cfg, opt, steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     power_iter = int(cfg["power_iter"])
+    sync_every = max(1, int(cfg["sync_every"]))
 
     store.write_config(folder, cfg)
-    start_epoch, step, rows, train_seconds = 0, 0, [], 0.0
+    start_epoch, step, rows, train_seconds, resumed_at = 0, 0, [], 0.0, []
     ckpt_path = folder / store.CHECKPOINT
     if ckpt_path.exists():
         state = store.load_checkpoint(ckpt_path, map_location=device)
@@ -168,12 +185,19 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
         _set_rng_state(gen, state["rng"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         train_seconds = float(state["train_seconds"])
+        resumed_at = [int(e) for e in state.get("resumed_at", [])] + [start_epoch]
         rows = store.read_metrics(folder)[:start_epoch]
     model.train()
+    watchdog = ChanceWatchdog(data.num_classes, int(cfg["chance_patience"]), float(cfg["chance_margin"]),
+                              int(cfg["chance_min_steps"]))
+    for row in rows:
+        watchdog.update(float(row.get("train_acc", 1.0)), steps_per_epoch)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum, logs = 0.0, {}
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        logs: Dict[str, float] = {}
         for it in range(steps_per_epoch):
             idx = perm[it * bs:(it + 1) * bs]
             xb = data.inputs(data.x_train[idx])
@@ -183,18 +207,24 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             logits = model(xb)
             bound = model.bound(power_iter)
             loss, logs = method.loss(logits, yb, bound, step / total_steps)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"non-finite loss {float(loss)} at epoch {epoch + 1}, step {step}")
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == yb).sum()
+            # a host sync every `sync_every` steps (and at epoch end) instead of one per step
+            if (step + 1) % sync_every == 0 and not torch.isfinite(loss_sum):
+                raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
-            loss_sum += float(loss.detach())
+        if not torch.isfinite(loss_sum):
+            raise DivergedError(f"non-finite loss at epoch {epoch + 1}")
         model.converge(tol=float(cfg["converge_tol"]))
         train_seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(1, steps_per_epoch), "lr": opt.param_groups[0]["lr"],
-               "K_f": float(model.certified_bound().max(data.num_classes)), "train_seconds": round(train_seconds, 3)}
+        train_acc = float(correct) / max(1, steps_per_epoch * bs if cfg["drop_last"] else n)
+        row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, steps_per_epoch), "train_acc": train_acc,
+               "lr": opt.param_groups[0]["lr"], "K_f": float(model.certified_bound().max(data.num_classes)),
+               "train_seconds": round(train_seconds, 3)}
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
         if (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 == epochs:
             ev = evaluate(model, method, data, cfg, splits=("test",))["test"]
@@ -205,11 +235,15 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
         if (epoch + 1) % int(cfg["checkpoint_every"]) == 0 or epoch + 1 == epochs:
             store.save_checkpoint(folder, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                            "scheduler": sched.state_dict(), "rng": _rng_state(gen),
-                                           "epoch": epoch + 1, "step": step, "train_seconds": train_seconds})
+                                           "epoch": epoch + 1, "step": step, "train_seconds": train_seconds,
+                                           "resumed_at": resumed_at})
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, row)
+        if watchdog.update(train_acc, steps_per_epoch):
+            raise DivergedError(f"training accuracy at chance ({train_acc:.3f} ≤ {watchdog.threshold:.3f}) for "
+                                f"{watchdog.epochs} epochs ({watchdog.steps} steps), up to epoch {epoch + 1}")
 
-    return finish_run(cfg, folder, model, method, data, train_seconds, device)
+    return finish_run(cfg, folder, model, method, data, train_seconds, device, resumed_at)
 
 
 def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
@@ -226,7 +260,8 @@ def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
     return pairs, steps
 
 
-def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device) -> Dict[str, object]:
+def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device,
+               resumed_at=()) -> Dict[str, object]:
     ev = evaluate(model, method, data, cfg)
     bound = model.certified_bound()
     K_f = float(bound.max(data.num_classes))
@@ -248,10 +283,9 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
         "lower_bound_pairs": lb_pairs, "lower_bound_steps": lb_steps,
         "params": count_parameters(model),
         "certificate": method.certificate,
-        "train_seconds": round(train_seconds, 3),
+        "train_seconds": round(train_seconds, 3), "resumed_at_epochs": list(resumed_at),
         "device": device_name(device), "torch": torch.__version__, "lipbench": __version__,
         "commit": git_commit(), "host": platform.node(), "pid": os.getpid(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    store.write_json(folder / store.RESULT, result)
-    return result
+    return store.write_result(folder, result)

@@ -1,12 +1,14 @@
-"""Run a list of resolved configs locally: skip finished runs, one process per worker, a live rich view."""
+"""Run a list of resolved configs on this machine: skip finished runs, lock each run folder while training it,
+train several runs at once in worker processes (one per GPU slot when GPUs are present), live rich view."""
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -18,99 +20,134 @@ def run_label(cfg: Dict[str, object]) -> str:
     return f"{cfg['method']}/{cfg['arch']}/{cfg['dataset']}{eps} seed {cfg['seed']}"
 
 
-def is_complete(folder: Path) -> bool:
+def is_finished(folder: Path) -> bool:
+    """A readable result.json (complete or diverged): the run is not trained again without --force."""
     try:
         return store.result_or_none(folder) is not None
     except store.CorruptRunError:
         return False
 
 
-def execute(cfg: Dict[str, object], results: str, queue=None) -> Dict[str, object]:
-    """Train one run (in this process). A diverged run is recorded, not raised."""
+def execute(cfg: Dict[str, object], results: str, on_epoch=None) -> Tuple[str, Optional[Dict[str, object]]]:
+    """Train one run in this process under its folder lock. Returns (outcome, result): outcome `trained`,
+    `finished` (another launch finished it meanwhile) or `held` (another process is training it; no result)."""
     from bench.train import DivergedError, train_run
 
     folder = store.run_dir(results, cfg)
-
-    def on_epoch(epoch, epochs, row):
-        if queue is not None:
-            queue.put((str(folder), epoch, epochs))
-
+    lock = store.RunLock(folder)
+    if not lock.acquire():
+        return "held", None
     try:
-        return train_run(cfg, folder, on_epoch=on_epoch)
-    except DivergedError as e:
-        return store.write_diverged(folder, cfg, str(e))
+        if is_finished(folder):  # finished by another launch between our check and the lock
+            return "finished", store.read_result(folder)
+        try:
+            return "trained", train_run(cfg, folder, on_epoch=on_epoch)
+        except DivergedError as e:
+            return "trained", store.write_diverged(folder, cfg, str(e))
+    finally:
+        lock.release()
 
 
-def _worker(cfg, results, queue, threads):
+def _worker(cfg, results, queue, threads, slots):
     import torch
 
     torch.set_num_threads(threads)
+    slot = slots.get() if slots is not None else None
     try:
-        return execute(cfg, results, queue)
-    except Exception:  # noqa: BLE001  (report the worker's traceback in the parent)
+        if slot is not None:
+            cfg = {**cfg, "device": f"cuda:{slot}"}
+        return execute(cfg, results, lambda e, n, row: queue.put((str(store.run_dir(results, cfg)), e)))
+    except Exception:  # noqa: BLE001  (re-raised in the parent with the worker's traceback)
         raise RuntimeError(f"run {run_label(cfg)} failed:\n{traceback.format_exc()}") from None
+    finally:
+        if slot is not None:
+            slots.put(slot)
 
 
-def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force: bool = False,
-            quiet: bool = False) -> List[Dict[str, object]]:
-    """Execute every run that is not complete; returns their results (finished ones included)."""
+def gpu_slots(runs_per_gpu: int) -> List[int]:
+    """GPU indices, each repeated runs_per_gpu times: a worker takes a slot, trains on it, gives it back."""
+    import torch
+
+    return [g for g in range(torch.cuda.device_count()) for _ in range(max(1, runs_per_gpu))]
+
+
+def partition(cfgs: List[Dict[str, object]], results: str, force: bool):
+    """Split into (to train, finished results); with force, finished results are removed first."""
     todo, done = [], []
     for cfg in cfgs:
         folder = store.run_dir(results, cfg)
-        if not force and is_complete(folder):
+        if not force and is_finished(folder):
             done.append(store.read_result(folder))
-        else:
-            if force and (folder / store.RESULT).exists():
-                (folder / store.RESULT).unlink()
-                ckpt = folder / store.CHECKPOINT
-                if ckpt.exists():
-                    ckpt.unlink()
-            todo.append(cfg)
+            continue
+        if force:
+            for name in (store.RESULT, store.CHECKPOINT, store.METRICS):
+                if (folder / name).exists() and not store.is_running(folder):
+                    (folder / name).unlink()
+        todo.append(cfg)
+    return todo, done
+
+
+def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force: bool = False,
+            quiet: bool = False, runs_per_gpu: int = 1) -> List[Dict[str, object]]:
+    """Execute every run that is not finished; returns the results (finished ones included). Runs held by
+    another process are left to it and reported as skipped."""
+    todo, done = partition(cfgs, results, force)
+    finished_before = len(done)
     if not todo:
+        print(f"trained 0 runs, left 0 to another process, {finished_before} already finished")
         return done
-    workers = max(1, min(workers, len(todo)))
+    use_gpus = all(str(c.get("device", "auto")) == "auto" for c in todo) and gpu_slots(1)
+    slots = gpu_slots(runs_per_gpu) if use_gpus else []
+    workers = max(1, min(workers if not slots else max(workers, len(slots)), len(todo)))
+    if slots:
+        workers = min(workers, len(slots))
     threads = max(1, (os.cpu_count() or 1) // workers)
+    skipped, trained = [], 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=quiet, transient=False) as progress:
-        overall = progress.add_task(f"[bold]{len(todo)} runs ({len(done)} already complete)", total=len(todo))
-        if workers == 1:
+                  disable=quiet) as progress:
+        overall = progress.add_task(f"[bold]{len(todo)} runs to train ({len(done)} finished)", total=len(todo))
+        tasks = {str(store.run_dir(results, c)): progress.add_task(run_label(c), total=int(c["epochs"]))
+                 for c in todo}
+
+        def collect(cfg, outcome):
+            nonlocal trained
+            status, result = outcome
+            if status == "held":
+                skipped.append(cfg)
+            else:
+                trained += status == "trained"
+                done.append(result)
+            progress.advance(overall)
+
+        if workers == 1 and not slots:
+            import torch
+
             for cfg in todo:
-                task = progress.add_task(run_label(cfg), total=int(cfg["epochs"]))
-
-                class _Q:
-                    def put(self, item, task=task):
-                        progress.update(task, completed=item[1])
-
-                import torch
-
                 torch.set_num_threads(int(cfg.get("threads") or threads))
-                done.append(execute(cfg, results, _Q()))
-                progress.advance(overall)
-            return done
-        ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager:
-            queue = manager.Queue()
-            tasks = {}
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                futures = {pool.submit(_worker, cfg, results, queue, int(cfg.get("threads") or threads)): cfg
-                           for cfg in todo}
-                for cfg in todo:
-                    tasks[str(store.run_dir(results, cfg))] = progress.add_task(run_label(cfg),
-                                                                                total=int(cfg["epochs"]))
-                pending = set(futures)
-                while pending:
-                    while not queue.empty():
-                        folder, epoch, _ = queue.get()
-                        progress.update(tasks[folder], completed=epoch)
-                    finished = [f for f in pending if f.done()]
-                    for f in finished:
-                        pending.discard(f)
-                        done.append(f.result())
-                        progress.advance(overall)
-                    if pending:
-                        import time
-
-                        time.sleep(0.2)
-                for f in as_completed(futures):
-                    pass
+                task = tasks[str(store.run_dir(results, cfg))]
+                collect(cfg, execute(cfg, results, lambda e, n, row, t=task: progress.update(t, completed=e)))
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Manager() as manager:
+                queue = manager.Queue()
+                slot_queue = None
+                if slots:
+                    slot_queue = manager.Queue()
+                    for s in slots:
+                        slot_queue.put(s)
+                with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    futures = {pool.submit(_worker, c, results, queue, int(c.get("threads") or threads),
+                                           slot_queue): c for c in todo}
+                    pending = set(futures)
+                    while pending:
+                        while not queue.empty():
+                            folder, epoch = queue.get()
+                            progress.update(tasks[folder], completed=epoch)
+                        for f in [f for f in pending if f.done()]:
+                            pending.discard(f)
+                            collect(futures[f], f.result())
+                        if pending:
+                            time.sleep(0.2)
+    print(f"trained {trained} runs, left {len(skipped)} to another process, "
+          f"{len(done) - trained} already finished")
     return done

@@ -1,0 +1,84 @@
+"""Slurm through submitit: one job array of the runs that are not finished.
+
+Each array task trains one run with `launch.local.execute` (folder lock, resume from checkpoint). The task is
+a submitit `Checkpointable`: when Slurm pre-empts it or its time limit is near, submitit calls `checkpoint()`,
+which requeues the same task; the requeued task resumes from the run's last per-epoch checkpoint, so at most
+one epoch of work is lost.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import submitit
+
+from bench.launch.local import execute, partition, run_label
+from bench.store import run_dir
+
+
+def parse_time(text: str) -> int:
+    """Slurm time ("6:00:00", "1-12:00:00", "90" minutes, "30:00" mm:ss) → minutes."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        raise ValueError(f"cannot read the time limit {text!r}; use e.g. 6:00:00 or 1-00:00:00")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if c is not None:          # [d-]hh:mm:ss
+        minutes = a * 60 + b + (1 if c else 0)
+    elif b is not None:        # [d-]hh:mm with days, mm:ss without
+        minutes = a * 60 + b if days is not None else a + (1 if b else 0)
+    else:
+        minutes = a * 60 if days is not None else a
+    return minutes + (days or 0) * 24 * 60
+
+
+class RunTask(submitit.helpers.Checkpointable):
+    """One array task: train (or resume) one run. Requeued as is on pre-emption or timeout."""
+
+    def __init__(self, results: str):
+        self.results = results
+
+    def __call__(self, cfg: Dict[str, object]) -> Optional[Dict[str, object]]:
+        import torch
+
+        if torch.cuda.is_available() and str(cfg.get("device", "auto")) == "auto":
+            cfg = {**cfg, "device": "cuda"}
+        return execute(cfg, self.results)[1]
+
+
+def make_executor(folder: Path, partition_name: Optional[str], time_limit: str, max_parallel: int,
+                  gpus_per_task: int = 1, cpus_per_task: int = 8, mem_gb: int = 32, cluster: Optional[str] = None):
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {"timeout_min": parse_time(time_limit), "slurm_array_parallelism": max_parallel,
+              "gpus_per_node": gpus_per_task, "cpus_per_task": cpus_per_task, "mem_gb": mem_gb,
+              "name": "lipbench"}
+    if partition_name:
+        params["slurm_partition"] = partition_name
+    executor.update_parameters(**params)
+    return executor, params
+
+
+def submit(cfgs: List[Dict[str, object]], results: str, suite_name: str, partition_name: Optional[str],
+           time_limit: str, max_parallel: int, dry_run: bool = False, executor=None, force: bool = False,
+           gpus_per_task: int = 1, cpus_per_task: int = 8, mem_gb: int = 32) -> List:
+    """Submit one job array of the unfinished runs; with dry_run, print it instead. Returns the jobs."""
+    todo, done = partition(cfgs, results, force)
+    log_folder = Path(results) / "_slurm" / suite_name / "%j"
+    params = {"partition": partition_name, "time": time_limit, "timeout_min": parse_time(time_limit),
+              "array": f"0-{len(todo) - 1}%{max_parallel}" if todo else "-", "gpus_per_task": gpus_per_task,
+              "cpus_per_task": cpus_per_task, "mem_gb": mem_gb, "logs": str(log_folder)}
+    if dry_run or not todo:
+        print(f"suite {suite_name}: {len(done)} finished, {len(todo)} to submit"
+              + (" (dry run: nothing submitted)" if dry_run else ""))
+        if todo:
+            print("sbatch " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in params.items()
+                                       if k not in ("timeout_min", "logs") and v is not None))
+            for i, cfg in enumerate(todo):
+                print(f"  [{i}] {run_label(cfg)}  →  {run_dir(results, cfg)}")
+        return []
+    if executor is None:
+        executor, _ = make_executor(log_folder, partition_name, time_limit, max_parallel, gpus_per_task,
+                                    cpus_per_task, mem_gb)
+    jobs = executor.map_array(RunTask(str(results)), todo)
+    print(f"submitted {len(jobs)} runs of suite {suite_name} as job array {jobs[0].job_id.split('_')[0]}")
+    return jobs
