@@ -22,7 +22,7 @@ suite: install
 	$(BIN)/bench suite $(SUITE) --results $(RESULTS) --workers $(WORKERS)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 table: install
 	$(BIN)/bench table $(RESULTS) $(if $(filter-out moons,$(SUITE)),--suite $(SUITE),)
