@@ -272,6 +272,7 @@ def _register_cpl(name: str, **spec):
         return build_cpl(input_shape, num_classes, normalize, **spec)
     factory.__doc__ = f"CPL network {name}: {spec}"
     factory.spec = dict(spec)
+    factory.family = "cpl"  # protocols may be keyed "<dataset>@cpl"
     register_arch(name)(factory)
 
 

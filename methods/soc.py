@@ -129,6 +129,8 @@ class SkewOrthogonalConv(PowerIterated, nn.Module):
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.out_channels)
             nn.init.uniform_(self.bias, -bound, bound)
+        if self.random_conv_filter.is_meta:  # shape-only construction (parameter counting): nothing to iterate
+            return
         with torch.no_grad():
             for i in range(1, 5):
                 for side in "uv":
@@ -423,6 +425,7 @@ def _register_lipconv(name: str, **spec):
         return build_lipconv(input_shape, num_classes, normalize, **spec)
     factory.__doc__ = f"LipConvNet-{5 * spec['block_size']} (SOC), {spec}"
     factory.spec = dict(spec)
+    factory.family = "lipconv"  # protocols may be keyed "<dataset>@lipconv"
     register_arch(name)(factory)
 
 
