@@ -72,13 +72,13 @@ class ConvexPotential(PowerIterated, nn.Module):
         is stored without a gradient; σ keeps the gradient through W (in both W u and v)."""
         if n_iter < 1:
             raise ValueError("CPL's power method needs at least one step")
-        w, u, v = self.weight, self.power_iterate, None
+        w, u, v = self.weight, self.power_iterate.clone(), None  # a copy: the buffer is updated in place below
         for _ in range(n_iter):
             v = _normalize(self.operator(u, w))
             with torch.no_grad():
                 u = _normalize(self.adjoint(v, w))
         self.power_iterate.copy_(u)
-        return torch.sum(self.operator(self.power_iterate, w) * v)
+        return torch.sum(self.operator(u, w) * v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_iterate(x)

@@ -1,0 +1,195 @@
+"""CPL layers: conformance with the official code, exact Jacobians before and after adversarial training steps,
+the certificate when σ is under-estimated, the network's 1-Lipschitz glue, the hinge loss, the triangular lr,
+parameter counts."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.nn.lipschitz import UnconvergedBoundError
+from bench.optim import make_lr_scheduler, triangular_factor
+from methods import cpl
+from tests.conftest import fixture, t64
+
+CASES = [("cpl_conv_c6_inner10_hw8", "kernel"), ("cpl_linear_c24_inner40", "weights")]
+
+
+def official_layer(case):
+    z = fixture(case)
+    if "conv" in case:
+        layer, name = cpl.ConvexPotentialConv(6, 10).double(), "kernel"
+    else:
+        layer, name = cpl.ConvexPotentialLinear(24, 40).double(), "weights"
+    with torch.no_grad():
+        getattr(layer, name).copy_(t64(z[name]))
+        layer.bias.copy_(t64(z["bias"]))
+    layer.power_iterate = t64(z["pm_u_init"]).clone()
+    return layer, z
+
+
+@pytest.mark.parametrize("case,_", CASES)
+def test_conformance_with_official_cpl(case, _):
+    layer, z = official_layer(case)
+    x = t64(z["x"])
+    train = copy.deepcopy(layer).train()
+    with torch.no_grad():  # one power step from the stored iterate, h from that σ
+        np.testing.assert_allclose(train(x).numpy(), z["y_train_from_init"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(train.power_iterate.numpy(), z["pm_u_after_train_step"], atol=1e-12)
+    layer.eval()
+    with torch.no_grad():  # the first eval forward runs the official 100 steps and caches eval_sv_max
+        y = layer(x)
+    np.testing.assert_allclose(float(layer.eval_sv_max), float(z["eval_sv_max"][0]), rtol=1e-10)
+    np.testing.assert_allclose(layer.power_iterate.numpy(), z["pm_u_after_eval"], atol=1e-10)
+    np.testing.assert_allclose(y.numpy(), z["y_eval"], rtol=1e-12, atol=1e-12)
+    # converge(): the engine's float64 iteration reaches the exact σ_max and bounds it from above
+    exact = float(z["exact_weight_spectral_norm"])
+    assert layer.converge() == 1.0
+    assert float(layer.eval_sv_max) == pytest.approx(exact, rel=1e-8)
+    assert exact <= layer.weight_norm_bound <= exact * (1 + 1e-4)
+
+
+def jacobians(layer, x):
+    """Exact per-sample Jacobians of the (nonlinear) layer by autograd, [B, n, n]."""
+    out = []
+    for xi in x:
+        J = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], xi)
+        out.append(J.reshape(xi.numel(), xi.numel()))
+    return torch.stack(out)
+
+
+def blow_up(layer, x, steps=10, lr=0.05):
+    g = torch.Generator().manual_seed(1)
+    layer.train()
+    r = torch.randn(layer(x).shape, generator=g, dtype=x.dtype)
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    for _ in range(steps):
+        y = layer(x)
+        loss = -(y.norm() + (r * y).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_cpl_exact_jacobian_before_and_after_blow_up(kind):
+    torch.manual_seed(11)
+    if kind == "conv":
+        layer, x = cpl.ConvexPotentialConv(3, 5).double(), torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    else:
+        layer, x = cpl.ConvexPotentialLinear(12, 20).double(), torch.randn(4, 12, dtype=torch.float64)
+    for phase in ("init", "after 10 adversarial steps"):
+        layer.eval()
+        layer(x[:1])
+        bound = layer.converge()
+        J = jacobians(layer, x)
+        assert torch.allclose(J, J.transpose(1, 2), atol=1e-12), phase     # I − h WᵀDW is symmetric
+        eig = torch.linalg.eigvalsh(J)
+        assert float(eig.min()) >= -1 - 1e-6, phase                          # convex potential: in [−1, 1]
+        assert float(eig.max()) <= 1 + 1e-12, phase
+        assert float(torch.linalg.matrix_norm(J, 2).max()) <= 1 + 1e-6, phase
+        # 1 unless σ̄'s safety margin (the engine's 1e-5) exceeds the slack ε/σ² of h: then 1 + O(1e-5)
+        assert float(torch.linalg.matrix_norm(J, 2).max()) <= bound + 1e-12 and bound <= 1 + 1e-4, phase
+        blow_up(layer, x)
+
+
+def test_under_estimated_sigma_is_accounted_for():
+    """If eval used a σ below σ_max, the layer is max(1, h·σ_max² − 1)-Lipschitz: the certificate's formula
+    bounds the measured Jacobian, and the layer certifies 1 only with a σ from a converged iteration."""
+    torch.manual_seed(12)
+    layer = cpl.ConvexPotentialLinear(8, 16).double().eval()
+    x = torch.randn(64, 8, dtype=torch.float64) * 3
+    layer(x[:1])
+    layer.converge()
+    exact = float(torch.linalg.matrix_norm(layer.weights.detach(), 2))
+    with torch.no_grad():
+        layer.eval_sv_max.fill_(0.7 * exact)  # what one training-time power step can give (peer-methods §3)
+    h = 2.0 / ((0.7 * exact) ** 2 + layer.epsilon)
+    worst = max(float(torch.linalg.matrix_norm(J, 2)) for J in jacobians(layer, x))
+    assert worst > 1.05                         # the layer is no longer 1-Lipschitz ...
+    assert worst <= h * exact ** 2 - 1 + 1e-9   # ... and the formula bounds it
+    with pytest.raises(UnconvergedBoundError):  # the certificate refuses a σ it did not converge
+        layer.certified_bound()
+    assert layer.converge() == 1.0
+
+
+def test_bound_goes_stale():
+    torch.manual_seed(13)
+    layer = cpl.ConvexPotentialConv(2, 3).double()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    layer.eval()(x)
+    layer.converge()
+    layer.certified_bound()
+    layer.train()(x)  # a training forward empties eval_sv_max (official)
+    with pytest.raises(UnconvergedBoundError):
+        layer.certified_bound()
+    layer.eval()
+    layer.converge()
+    with torch.no_grad():
+        layer.kernel.mul_(1.1)
+    with pytest.raises(UnconvergedBoundError):
+        layer.certified_bound()
+
+
+def test_glue_layers_are_one_lipschitz():
+    x_shape = (3, 8, 8)
+    n = int(np.prod(x_shape))
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *x_shape)
+    pad = cpl.ChannelPad(5)(basis).reshape(n, -1)
+    assert torch.allclose(torch.linalg.svdvals(pad), torch.ones(n, dtype=torch.float64))  # an isometry
+    pool = cpl.SumPool()(basis).reshape(n, -1)
+    assert float(torch.linalg.matrix_norm(pool, 2)) == pytest.approx(1.0, abs=1e-12)
+    trunc = cpl.Truncate(10)(torch.eye(40, dtype=torch.float64))
+    assert float(torch.linalg.matrix_norm(trunc, 2)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_hinge_loss_is_the_official_margin_loss():
+    torch.manual_seed(14)
+    z, y = torch.randn(7, 10), torch.randint(0, 10, (7,))
+    method = cpl.CPL({"margin": 0.7, "eps": 0.1}, 10)
+    loss, _ = method.loss(z, y, None, 0.0)
+    zy = z.gather(1, y[:, None])
+    terms = F.relu(0.7 - zy + z).masked_fill(F.one_hot(y, 10).bool(), 0.0)
+    assert float(loss) == pytest.approx(float(terms.sum(1).mean() / 10), rel=1e-6)
+
+
+def test_triangular_schedule_matches_official():
+    total = 1000
+    for t in (1, 200, 400, 401, 600, 800, 900, 1000):  # TriangularLRScheduler.step(t): np.interp at 0, 2T/5, 4T/5, T
+        expected = float(np.interp([t], [0, total * 2 // 5, total * 4 // 5, total], [0, 1.0, 1.0 / 20, 0])[0])
+        assert triangular_factor(t, total) == expected
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=1e-3)
+    sched = make_lr_scheduler({"lr_schedule": "triangular", "epochs": 10}, opt, steps_per_epoch=100)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 400) and lrs[399] == pytest.approx(1e-3)
+    assert lrs[799] == pytest.approx(1e-3 / 20) and lrs[999] == 0.0
+
+
+# (depth, channels, depth_linear, n_features) with 5 inner conv channels, CIFAR 32×32, 10 classes. Reference
+# counts (peer-methods.md §3): CPL-S 41.4 M, the fork's XL 472 M (LBDN's 120×70 XL: 276 M). The official dense
+# layer also holds an unused `alpha` (one parameter per dense layer, left out here).
+PARAMS = {"cpl-s": 41_342_616, "cpl-m": 78_744_830, "cpl-l": 118_238_970, "cpl-xl": 472_298_990,
+          "cpl-s-lln": 41_371_426, "cpl-xl-lln": 472_375_800, "cpl-xl-linear": 472_375_800}
+
+
+@pytest.mark.parametrize("arch", sorted(PARAMS))
+def test_cpl_parameter_counts(arch):
+    from bench.registry import ARCHS
+    spec = ARCHS.get(arch).spec
+    with torch.device("meta"):  # 472 M parameters would need 1.9 GB: count the modules without memory
+        features, classifier, _ = cpl.cpl_modules((3, 32, 32), 10, **spec)
+    assert sum(p.numel() for m in (features, classifier) for p in m.parameters()) == PARAMS[arch]
+
+
+def test_xl_aliases():
+    from bench.config import resolve
+    assert resolve({"method": "cpl", "arch": "xl", "dataset": "moons"})["arch"] == "cpl-xl"
+    assert resolve({"method": "cll", "arch": "xl", "dataset": "moons"})["arch"] == "cpl-xl-linear"
+    assert resolve({"method": "cll", "arch": "lipconv-20", "dataset": "moons"})["arch"] == "lipconv-20-linear"
