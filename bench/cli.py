@@ -1,4 +1,4 @@
-"""The `bench` command: run, suite, table, list.
+"""The `bench` command: run, suite, table, report, list.
 
 Every user error (unknown name, malformed YAML, unknown key, missing dataset, corrupt run) ends in one line
 on stderr and exit status 2; nothing half-written is left behind (run files are written atomically).
@@ -62,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--suite", help="only the runs of this suite, with its layout")
     table.add_argument("--format", choices=["md", "tex", "csv"], default="md")
     table.add_argument("--split", default=None, help="evaluation split (test, train, test_lossless, ...)")
+    table.add_argument("--baseline", help="print (+x) deltas against this row: METHOD or METHOD/ARCH")
+    table.add_argument("--per-seed", action="store_true", help="add the per-seed appendix table (as Tables D6-D8)")
+    table.add_argument("--vs-paper", action="store_true",
+                       help="paper, measured and difference side by side (numbers from the suites' `paper:` blocks)")
+
+    report = sub.add_parser("report", help="write <results>/<suite>/report.md: tables, figures, paper vs measured")
+    report.add_argument("name", help="suite name (suites/NAME.yaml) or a path to a YAML file")
+    report.add_argument("--results", default="results")
+    report.add_argument("--seeds", type=int, help="override the suite's seed count")
+    report.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="the overrides the suite was run with, to find its runs")
+    report.add_argument("--epochs", type=int, help="the --epochs the suite was run with (short runs)")
+    report.add_argument("--train-subset", type=int, help="the --train-subset the suite was run with")
+    report.add_argument("--no-figures", action="store_true", help="tables and report.md only")
+    report.set_defaults(device=None, data_root=None, download=False)
 
     sub.add_parser("list", help="show methods, architectures, datasets and suites")
 
@@ -144,7 +159,21 @@ def cmd_status(args) -> int:
 def cmd_table(args) -> int:
     from bench.report.tables import table_for_folder
 
-    print(table_for_folder(Path(args.results), suite_name=args.suite, fmt=args.format, split=args.split))
+    print(table_for_folder(Path(args.results), suite_name=args.suite, fmt=args.format, split=args.split,
+                           baseline=args.baseline, per_seed=args.per_seed, vs_paper=args.vs_paper))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from bench.config import load_suite, suite_runs
+    from bench.report.report import write_report
+
+    suite = load_suite(args.name)
+    if args.seeds is not None:
+        suite["seeds"] = args.seeds
+    written = write_report(suite, suite_runs(suite, _overrides(args)), Path(args.results),
+                           figures=not args.no_figures)
+    print(f"report: {written['report.md']}")
     return 0
 
 
@@ -179,7 +208,7 @@ def cmd_perf(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "suite": cmd_suite, "table": cmd_table, "list": cmd_list, "status": cmd_status,
-            "perf": cmd_perf}
+            "perf": cmd_perf, "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

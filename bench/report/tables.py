@@ -1,17 +1,23 @@
 """Paper-style tables from run folders.
 
-One pandas frame holds one row per run; `aggregate` groups runs that share a config (all but the seed) into
-mean ± std (sample std, ddof = 1) over complete seeds, with the seed count n and the diverged count beside it.
-Markdown, LaTeX (booktabs) and CSV are all rendered from that one frame, so they cannot drift apart.
+One pandas frame holds one row per run (`run_frame`); `aggregate` groups the runs that share a config (all but
+the seed) into mean ± std (sample std, ddof = 1) over complete seeds, with the seed count n and the number of
+diverged runs beside it (diverged runs are counted, never averaged). Markdown, LaTeX (booktabs) and CSV are
+all rendered from that aggregate frame, so they cannot drift apart or from the result.json files.
+
+Presentation, as the paper prints its tables: the best mean per column (per dataset) in bold, and optionally
+(+x) deltas of each row against a named baseline row (`baseline="gloro"` or `"gloro/4c3f"`).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
 from bench import store
+from bench.config import ConfigError
 
 IDENTITY = ("method", "arch", "dataset")
 #: config keys never shown as a distinguishing setting (they are the row identity or execution details)
@@ -32,7 +38,8 @@ def collect(results: Path) -> Tuple[List[Tuple[dict, dict]], List[str]]:
     return runs, problems
 
 
-def _short_note(cfg: dict) -> str:
+def short_note(cfg: dict) -> str:
+    """'' for a run of the full protocol; otherwise what makes it short ('30/1000 ep', 'subset 5000')."""
     notes = []
     if cfg.get("train_subset"):
         notes.append(f"subset {int(cfg['train_subset'])}")
@@ -42,28 +49,36 @@ def _short_note(cfg: dict) -> str:
     return ", ".join(notes)
 
 
+_short_note = short_note  # the name other modules used first
+
+
+def eps_train_column(cfg: dict, name: str) -> bool:
+    """Whether CRA name `name` is the training ε (cert_eps entry "eps"), shown in one 'CRA@ε_train' column."""
+    return (cfg.get("eps") is not None and "eps" in (cfg.get("cert_eps") or [])
+            and name == f"{float(cfg['eps']):g}")
+
+
 def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test") -> pd.DataFrame:
     """One row per run: identity, hash, seed, status, the split's clean/CRA, K(f), K(h∘f), tightness, ..."""
     rows = []
     for result, cfg in runs:
         row = {k: result[k] for k in IDENTITY}
         row.update(config_hash=result["config_hash"], seed=result["seed"], status=result["status"],
-                   short=_short_note(cfg), eps_train=cfg.get("eps"))
+                   short=short_note(cfg), eps_train=cfg.get("eps"))
         ev = (result.get("eval") or {}).get(split) or {}
         row["clean"] = ev.get("clean")
         for name, value in (ev.get("cra") or {}).items():
-            if cfg.get("eps") is not None and "eps" in (cfg.get("cert_eps") or []) and name == f"{float(cfg['eps']):g}":
-                name = "ε_train"
-            row[f"CRA@{name}"] = value
-        for key in ("K_f", "K_hf", "tightness", "lower_bound", "params", "train_seconds"):
+            row["CRA@ε_train" if eps_train_column(cfg, name) else f"CRA@{name}"] = value
+        for key in ("K_f", "K_hf", "tightness", "lower_bound", "params", "train_seconds", "device"):
             row[key] = result.get(key)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def settings_by_hash(runs: Iterable[Tuple[dict, dict]]) -> Dict[str, str]:
+def settings_by_hash(runs: Iterable[Tuple[dict, dict]], exclude: Sequence[str] = ()) -> Dict[str, str]:
     """For each config hash, the keys whose values differ among configs of the same method/arch/dataset
-    (e.g. 'eps=0.15'), so rows are labelled by what actually differs between them."""
+    (e.g. 'eps=0.15'), so rows are labelled by what actually differs between them (`exclude`: keys left out,
+    e.g. the swept one)."""
     configs = {result["config_hash"]: cfg for result, cfg in runs}
     groups: Dict[tuple, List[dict]] = {}
     for cfg in configs.values():
@@ -71,7 +86,8 @@ def settings_by_hash(runs: Iterable[Tuple[dict, dict]]) -> Dict[str, str]:
     labels = {}
     for h, cfg in configs.items():
         peers = groups[tuple(cfg[k] for k in IDENTITY)]
-        varying = sorted(k for k in cfg if k not in _NOT_SETTINGS and len({repr(p.get(k)) for p in peers}) > 1)
+        varying = sorted(k for k in cfg if k not in _NOT_SETTINGS and k not in exclude
+                         and len({repr(p.get(k)) for p in peers}) > 1)
         labels[h] = ", ".join(f"{k}={_fmt_setting(cfg.get(k))}" for k in varying)
     return labels
 
@@ -86,6 +102,16 @@ def _fmt_setting(v) -> str:
 
 METRIC_ORDER = ("clean", "CRA@ε_train", "CRA@36/255", "CRA@72/255", "CRA@108/255", "K_f", "K_hf", "tightness")
 PERCENT = {"clean", "tightness"}
+#: columns where a larger mean is better: these get the bold best value and the (+x) deltas
+HIGHER_IS_BETTER = ("clean", "tightness")
+
+
+def is_percent(m: str) -> bool:
+    return m in PERCENT or m.startswith("CRA@")
+
+
+def _better_is_higher(m: str) -> bool:
+    return m in HIGHER_IS_BETTER or m.startswith("CRA@")
 
 
 def metric_columns(df: pd.DataFrame) -> List[str]:
@@ -114,17 +140,22 @@ def aggregate(df: pd.DataFrame, seeds_expected: Optional[int] = None) -> pd.Data
             vals = pd.to_numeric(ok[m], errors="coerce").dropna() if m in ok else pd.Series(dtype=float)
             row[f"{m}_mean"] = vals.mean() if len(vals) else float("nan")
             row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else float("nan")
-        row["params"] = ok["params"].iloc[0] if len(ok) and "params" in ok else None
+        row["params"] = int(ok["params"].iloc[0]) if len(ok) and "params" in ok and pd.notna(ok["params"].iloc[0]) \
+            else None
+        row["train_seconds"] = float(pd.to_numeric(g.get("train_seconds"), errors="coerce").sum()) \
+            if "train_seconds" in g else float("nan")
+        row["devices"] = ", ".join(sorted({str(d) for d in g.get("device", []) if d})) if "device" in g else ""
         out.append(row)
     agg = pd.DataFrame(out)
-    return agg.sort_values(["dataset", "arch", "method", "eps_train"], na_position="last", kind="stable")
+    return agg.sort_values(["dataset", "arch", "method", "eps_train"], na_position="last",
+                           kind="stable").reset_index(drop=True)
 
 
 HEADERS = {"clean": "Clean (%)", "CRA@ε_train": "CRA@ε (%)", "K_f": "K(f)", "K_hf": "K(h∘f)",
            "tightness": "Tightness (%)"}
 
 
-def _header(m: str) -> str:
+def header(m: str) -> str:
     if m in HEADERS:
         return HEADERS[m]
     if m.startswith("CRA@"):
@@ -132,57 +163,183 @@ def _header(m: str) -> str:
     return m
 
 
+_header = header
+
+
+def _scale_digits(m: str, mean: float) -> Tuple[float, int]:
+    if is_percent(m):
+        return 100.0, 1
+    return 1.0, (2 if abs(mean) < 100 else 1)
+
+
+def fmt_value(m: str, value: float, digits_for: Optional[float] = None) -> str:
+    """One number in table units: percentages with one decimal, K with 2 (1 from 100 up)."""
+    scale, digits = _scale_digits(m, value if digits_for is None else digits_for)
+    return f"{value * scale:.{digits}f}"
+
+
 def _cell(agg_row, m: str) -> str:
     mean, std = agg_row[f"{m}_mean"], agg_row[f"{m}_std"]
     if pd.isna(mean):
         return "–"
-    scale = 100.0 if (m in PERCENT or m.startswith("CRA@")) else 1.0
-    digits = 1 if scale == 100.0 else (2 if abs(mean) < 100 else 1)
-    s = f"{mean * scale:.{digits}f}"
+    s = fmt_value(m, mean)
     if not pd.isna(std):
-        s += f" ± {std * scale:.{digits}f}"
+        s += f" ± {fmt_value(m, std, digits_for=mean)}"
     return s
 
 
-def display_frame(agg: pd.DataFrame) -> pd.DataFrame:
-    """The rendered table: one row per config, formatted mean ± std cells, n and diverged counts."""
+def _fmt_params(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    n = int(n)
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e4 else str(n))
+
+
+def n_label(r) -> str:
+    """'3', or '2/3' below the expected seed count, with '(+1 diverged)' beside it."""
+    n = f"{r['n']}"
+    if r["seeds_expected"] and r["n"] < r["seeds_expected"]:
+        n += f"/{r['seeds_expected']}"
+    if r["diverged"]:
+        n += f" (+{r['diverged']} diverged)"
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baseline deltas and the best value per column
+# ---------------------------------------------------------------------------------------------------------
+def parse_baseline(spec: Optional[str]) -> Optional[Dict[str, str]]:
+    """'gloro' → {method: gloro}; 'gloro/4c3f' → {method: gloro, arch: 4c3f}."""
+    if not spec:
+        return None
+    parts = str(spec).split("/")
+    if len(parts) > 2 or not all(parts):
+        raise ConfigError(f"baseline {spec!r}: write METHOD or METHOD/ARCH")
+    return dict(zip(("method", "arch"), parts))
+
+
+def baseline_rows(agg: pd.DataFrame, baseline: Optional[str]) -> Dict[int, Optional[int]]:
+    """For each row index, the index of the baseline row it is compared with (None when there is none or
+    more than one candidate). Candidates share the dataset; among them the same arch is preferred, then the
+    same training ε, so e.g. CLL at ε = 0.15 is compared with GloRo at ε = 0.15. CRA at the training ε is only
+    compared when both rows trained at the same ε (see `display_frame`)."""
+    spec = parse_baseline(baseline)
+    if spec is None or agg.empty:
+        return {}
+    is_base = pd.Series(True, index=agg.index)
+    for k, v in spec.items():
+        is_base &= agg[k].astype(str) == v
+    if not is_base.any():
+        raise ConfigError(f"baseline {baseline!r} matches no row of the table")
+    out: Dict[int, Optional[int]] = {}
+    for i, r in agg.iterrows():
+        if is_base[i]:
+            continue
+        cand = agg[is_base & (agg["dataset"] == r["dataset"])]
+        for key in ("arch", "eps_train"):
+            narrower = cand[cand[key].astype(str) == str(r[key])]
+            if len(narrower):
+                cand = narrower
+        out[i] = int(cand.index[0]) if len(cand) == 1 else None
+    return out
+
+
+def _delta(m: str, value: float, base: float) -> str:
+    """'(+1.8)' / '(−0.4)' at display precision; '' when the difference rounds to zero."""
+    scale, digits = _scale_digits(m, value)
+    d = round((value - base) * scale, digits)
+    return "" if d == 0 else f"({d:+.{digits}f})".replace("-", "−")
+
+
+def best_cells(agg: pd.DataFrame, metrics: Sequence[str]) -> Dict[str, List[int]]:
+    """Row indices holding the best (largest, at display precision) mean per column and dataset; CRA at the
+    training ε is only compared between rows of the same ε. Nothing is bold where all rows tie."""
+    best: Dict[str, List[int]] = {}
+    for m in metrics:
+        if not _better_is_higher(m) or f"{m}_mean" not in agg:
+            continue
+        keys = ["dataset", "eps_train"] if m == "CRA@ε_train" else ["dataset"]
+        for _, g in agg.groupby(keys, sort=False, dropna=False):
+            vals = g[f"{m}_mean"].dropna()
+            if len(vals) < 2:
+                continue
+            shown = vals.map(lambda v: float(fmt_value(m, v)))
+            top = shown.index[shown == shown.max()]
+            if len(top) < len(shown):
+                best.setdefault(m, []).extend(int(i) for i in top)
+    return best
+
+
+def display_frame(agg: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFrame:
+    """The rendered table: one row per config, formatted mean ± std cells (with (+x) deltas against the
+    baseline row when one is named), #params, n and diverged counts. `attrs['bold']` lists the (row, column)
+    cells holding a column's best value; `attrs['agg']` keeps the numeric frame it came from."""
     if agg.empty:
         return pd.DataFrame()
     metrics = [c[:-5] for c in agg.columns if c.endswith("_mean")]
-    rows = []
-    for _, r in agg.iterrows():
+    bases = baseline_rows(agg, baseline)
+    best = best_cells(agg, metrics)
+    rows, bold = [], []
+    for pos, (i, r) in enumerate(agg.iterrows()):
         label = {"Method": r["method"], "Arch": r["arch"], "Dataset": r["dataset"], "Setting": r["setting"]}
+        base = agg.loc[bases[i]] if bases.get(i) is not None else None
         for m in metrics:
-            label[_header(m)] = _cell(r, m)
-        n = f"{r['n']}"
-        if r["seeds_expected"] and r["n"] < r["seeds_expected"]:
-            n += f"/{r['seeds_expected']}"
-        if r["diverged"]:
-            n += f" (+{r['diverged']} diverged)"
-        label["n"] = n
-        if r["short"]:
-            label["Note"] = f"short run ({r['short']})"
+            cell = _cell(r, m)
+            comparable = m != "CRA@ε_train" or (base is not None and base["eps_train"] == r["eps_train"])
+            if base is not None and comparable and _better_is_higher(m) and not pd.isna(r[f"{m}_mean"]) \
+                    and not pd.isna(base[f"{m}_mean"]):
+                cell = (cell + " " + _delta(m, r[f"{m}_mean"], base[f"{m}_mean"])).rstrip()
+            label[header(m)] = cell
+            if i in best.get(m, []):
+                bold.append((pos, header(m)))
+        label["#params"] = _fmt_params(r.get("params"))
+        label["n"] = n_label(r)
+        label["Note"] = f"short run ({r['short']})" if r["short"] else ""
         rows.append(label)
     df = pd.DataFrame(rows).fillna("")
-    for col in ("Dataset", "Setting"):
-        if col in df and df[col].nunique() <= 1 and col == "Dataset":
-            df = df.drop(columns=col)
+    if df["Dataset"].nunique() <= 1:
+        df = df.drop(columns="Dataset")
+    if not df["Note"].astype(bool).any():
+        df = df.drop(columns="Note")
+    if not df["Setting"].astype(bool).any():
+        df = df.drop(columns="Setting")
+    df.attrs["bold"] = bold
+    df.attrs["agg"] = agg
+    df.attrs["baseline"] = baseline
     return df
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Renderers: Markdown, LaTeX (booktabs), CSV
+# ---------------------------------------------------------------------------------------------------------
+def _bold_set(df: pd.DataFrame) -> set:
+    return set(map(tuple, df.attrs.get("bold", [])))
 
 
 def to_markdown(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no complete runs)"
     cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    bold = _bold_set(df)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in TEXT_COLUMNS else "---:" for c in cols) + "|"]
+    for pos, row in enumerate(df.itertuples(index=False)):
+        cells = [f"**{v}**" if (pos, c) in bold and v else str(v) for c, v in zip(cols, row)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _tex_escape(s: str) -> str:
-    repl = {"±": r"$\pm$", "∘": r"$\circ$", "ε": r"$\varepsilon$", "%": r"\%", "_": r"\_", "&": r"\&",
-            "#": r"\#", "→": r"$\to$", "–": "--"}
-    return "".join(repl.get(ch, ch) for ch in str(s))
+TEXT_COLUMNS = ("Method", "Arch", "Dataset", "Setting", "Note", "n", "Model", "Metric", "Source", "Run",
+                "Split")
+_TEX = {"±": r"$\pm$", "∘": r"$\circ$", "ε": r"$\varepsilon$", "%": r"\%", "_": r"\_", "&": r"\&",
+        "#": r"\#", "→": r"$\to$", "–": "--", "−": "$-$", "Δ": r"$\Delta$", "$": r"\$", "{": r"\{", "}": r"\}",
+        "\\": r"\textbackslash{}", "^": r"\^{}", "~": r"\~{}", "⚠": "(!)", "·": r"$\cdot$", "≈": r"$\approx$"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+_tex_escape = tex_escape
 
 
 def to_latex(df: pd.DataFrame, caption: str = "", label: str = "") -> str:
@@ -190,72 +347,194 @@ def to_latex(df: pd.DataFrame, caption: str = "", label: str = "") -> str:
     if df.empty:
         return "% no complete runs"
     cols = list(df.columns)
-    align = "".join("l" if c in ("Method", "Arch", "Dataset", "Setting", "Note", "n") else "r" for c in cols)
+    bold = _bold_set(df)
+    align = "".join("l" if c in TEXT_COLUMNS else "r" for c in cols)
     out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
-           " & ".join(_tex_escape(c) for c in cols) + r" \\", r"\midrule"]
-    out += [" & ".join(_tex_escape(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+           " & ".join(tex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    for pos, row in enumerate(df.itertuples(index=False)):
+        cells = [rf"\textbf{{{tex_escape(v)}}}" if (pos, c) in bold and v else tex_escape(v)
+                 for c, v in zip(cols, row)]
+        out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     if caption:
-        out.append(rf"\caption{{{_tex_escape(caption)}}}")
+        out.append(rf"\caption{{{tex_escape(caption)}}}")
     if label:
         out.append(rf"\label{{{label}}}")
     out.append(r"\end{table}")
     return "\n".join(out)
 
 
-def build_table(runs, split: str = "test", seeds_expected: Optional[int] = None) -> Tuple[pd.DataFrame, pd.DataFrame]:
+def numeric_frame(display: pd.DataFrame) -> pd.DataFrame:
+    """The CSV view of a table: the same rows as `display`, numbers in table units (%, K) as mean and std
+    columns, n, diverged and the short-run note; no formatting."""
+    agg = display.attrs.get("agg")
+    if agg is None or agg.empty:
+        return display
+    metrics = [c[:-5] for c in agg.columns if c.endswith("_mean")]
+    out = agg[["method", "arch", "dataset", "setting"]].copy()
+    for m in metrics:
+        scale = 100.0 if is_percent(m) else 1.0
+        out[f"{header(m)} mean"] = agg[f"{m}_mean"] * scale
+        out[f"{header(m)} std"] = agg[f"{m}_std"] * scale
+    out["params"] = agg["params"]
+    out["n"] = agg["n"]
+    out["seeds_expected"] = agg["seeds_expected"]
+    out["diverged"] = agg["diverged"]
+    out["short"] = agg["short"]
+    out["config_hash"] = agg["config_hash"]
+    return out
+
+
+def build_table(runs, split: str = "test", seeds_expected: Optional[int] = None,
+                baseline: Optional[str] = None) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """(aggregate, display) for one evaluation split."""
+    runs = list(runs)
     df = run_frame(runs, split)
     if df.empty:
         return df, pd.DataFrame()
     labels = settings_by_hash(runs)
     df["setting"] = df["config_hash"].map(labels).fillna("")
     agg = aggregate(df, seeds_expected)
-    return agg, display_frame(agg)
+    return agg, display_frame(agg, baseline)
 
 
-CAPTION = ("mean ± sample std (ddof = 1) over complete seeds; n = seeds aggregated; diverged runs are "
-           "counted, never averaged. CRA and clean accuracy in %, K from converged bounds.")
+CAPTION = ("mean ± sample std (ddof = 1) over complete seeds; n = seeds aggregated (shown as n/N when seeds "
+           "are missing); diverged runs are counted beside n, never averaged. CRA and clean accuracy in %, K "
+           "from converged bounds; the best value per column in bold.")
 
 
-def render(display: pd.DataFrame, fmt: str, caption: str = CAPTION) -> str:
+def caption_for(display: pd.DataFrame, base: str = CAPTION) -> str:
+    text = base
+    if display.attrs.get("baseline"):
+        text += f" (+x): difference to the {display.attrs['baseline']} row of the same dataset, arch and ε."
+    if "Note" in display and display["Note"].astype(bool).any():
+        text += (" Rows marked 'short run' trained for fewer epochs than the protocol or on a training subset:"
+                 " they are not reproductions.")
+    return text
+
+
+def render(display: pd.DataFrame, fmt: str, caption: Optional[str] = None) -> str:
+    caption = caption_for(display) if caption is None else caption
     if fmt == "md":
         return to_markdown(display) + ("\n\n" + caption if not display.empty else "")
     if fmt == "tex":
         return to_latex(display, caption)
     if fmt == "csv":
-        return display.to_csv(index=False)
+        return numeric_frame(display).to_csv(index=False)
     raise ValueError(f"unknown format {fmt!r}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The per-seed appendix table (as Tables D6–D8)
+# ---------------------------------------------------------------------------------------------------------
+def per_seed_frame(runs, split: str = "test", seeds_expected: Optional[int] = None) -> pd.DataFrame:
+    """One row per cell × metric, one column per seed, and Avg (mean ± std over complete seeds), as the
+    paper's Tables D6–D8. A diverged seed reads 'div.', a missing one '–'."""
+    runs = list(runs)
+    df = run_frame(runs, split)
+    if df.empty:
+        return pd.DataFrame()
+    labels = settings_by_hash(runs)
+    df["setting"] = df["config_hash"].map(labels).fillna("")
+    agg = aggregate(df, seeds_expected)
+    metrics = [c[:-5] for c in agg.columns if c.endswith("_mean")]
+    seeds = sorted(set(int(s) for s in df["seed"]) | set(range(1, int(seeds_expected or 0) + 1)))
+    rows = []
+    for _, r in agg.iterrows():
+        g = df[df["config_hash"] == r["config_hash"]].set_index("seed")
+        model = f"{r['method']}@{r['arch']}" + (f" ({r['setting']})" if r["setting"] else "")
+        if r["short"]:
+            model += f" [short: {r['short']}]"
+        for m in metrics:
+            if pd.isna(r[f"{m}_mean"]):
+                continue
+            row = {"Model": model, "Metric": header(m)}
+            for s in seeds:
+                if s not in g.index:
+                    row[str(s)] = "–"
+                elif g.loc[s, "status"] != "complete":
+                    row[str(s)] = "div."
+                else:
+                    v = pd.to_numeric(g.loc[s, m], errors="coerce") if m in g else float("nan")
+                    row[str(s)] = "–" if pd.isna(v) else fmt_value(m, v, digits_for=r[f"{m}_mean"])
+            row["Avg"] = _cell(r, m)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+PER_SEED_CAPTION = ("Every seed of every cell (as the paper's Tables D6–D8); Avg is the mean ± sample std "
+                    "(ddof = 1) over the complete seeds; 'div.' marks a diverged seed, '–' a missing one.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points used by the CLI
+# ---------------------------------------------------------------------------------------------------------
+def suite_filter(runs, suite_name: Optional[str]):
+    """The runs of a suite (by config hash, any --epochs/--set variant of its cells included) and its seed
+    count; all runs and None without a suite."""
+    if not suite_name:
+        return runs, None, None
+    from bench.config import load_suite
+
+    suite = load_suite(suite_name)
+    wanted = suite_cell_keys(suite)
+    runs = [(r, c) for r, c in runs if cell_key(c) in wanted]
+    seeds_expected = suite.get("seeds") if isinstance(suite.get("seeds"), int) else None
+    return runs, seeds_expected, suite
+
+
+def cell_key(cfg: dict) -> str:
+    """A config's identity up to run length and subset, so a suite also finds its short (--epochs N) runs."""
+    from bench.config import config_hash
+
+    return config_hash({k: v for k, v in cfg.items() if k not in ("epochs", "train_subset")})
+
+
+def suite_cell_keys(suite: dict) -> set:
+    from bench.config import suite_runs
+
+    return {cell_key(c) for c in suite_runs(suite)}
+
+
 def table_for_folder(results: Path, suite_name: Optional[str] = None, fmt: str = "md",
-                     split: Optional[str] = None) -> str:
+                     split: Optional[str] = None, baseline: Optional[str] = None, per_seed: bool = False,
+                     vs_paper: bool = False) -> str:
     if not Path(results).exists():
         raise FileNotFoundError(f"no results folder {results}")
     runs, problems = collect(Path(results))
-    seeds_expected = None
-    if suite_name:
-        from bench.config import load_suite, suite_runs
-        from bench.config import config_hash
-
-        suite = load_suite(suite_name)
-        wanted = {config_hash(c) for c in suite_runs(suite)}
-        runs = [(r, c) for r, c in runs if r["config_hash"] in wanted]
-        seeds_expected = suite.get("seeds") if isinstance(suite.get("seeds"), int) else None
+    runs, seeds_expected, suite = suite_filter(runs, suite_name)
+    if suite is not None and baseline is None:
+        baseline = (suite.get("table") or {}).get("baseline")
     out = []
-    splits = [split] if split else _default_splits(runs)
+    splits = [split] if split else default_splits(runs)
     for sp in splits:
-        _, display = build_table(runs, sp, seeds_expected)
+        _, display = build_table(runs, sp, seeds_expected, baseline)
         if len(splits) > 1:
-            out.append(f"### {sp} split\n" if fmt == "md" else f"% {sp} split")
+            out.append(f"### {sp} split\n" if fmt == "md" else (f"% {sp} split" if fmt == "tex" else ""))
         out.append(render(display, fmt))
+        if per_seed:
+            seeds = per_seed_frame(runs, sp, seeds_expected)
+            out.append((f"#### Per-seed results ({sp} split)\n" if fmt == "md" else "") +
+                       (to_markdown(seeds) + "\n\n" + PER_SEED_CAPTION if fmt == "md" else
+                        to_latex(seeds, PER_SEED_CAPTION) if fmt == "tex" else seeds.to_csv(index=False)))
+    if vs_paper:
+        from bench.report import paper
+
+        cells = paper.cells_for(suite)
+        own = suite is not None and bool(suite.get("paper"))
+        frame = paper.vs_paper_frame(runs, cells, seeds_expected, include_missing=own)
+        out.append(paper.render(frame, fmt))
     if problems:
         out.append("\n".join(f"corrupt run skipped: {p}" for p in problems))
-    return "\n\n".join(out)
+    return "\n\n".join(o for o in out if o)
 
 
-def _default_splits(runs) -> Sequence[str]:
+def default_splits(runs) -> Sequence[str]:
     datasets = {r["dataset"] for r, _ in runs}
     return ("train", "test") if datasets == {"moons"} else ("test",)
+
+
+_default_splits = default_splits
 
 
 def print_results(results: List[dict]) -> None:

@@ -1,0 +1,414 @@
+"""`bench report SUITE`: one Markdown page for a suite, written from its result.json files only.
+
+<results>/<suite>/report.md holds the suite's description, a status line (runs complete, diverged, missing,
+total train time, devices), its tables per evaluation split, the paper-vs-measured table, the figures
+(embedded PNG, PDF beside them), the run count, train time and device of every cell, and the per-seed appendix.
+Short runs (fewer epochs than the protocol, or a training subset) are flagged at the top and in every table.
+
+Which figures a suite gets follows from its results, never from method names:
+* CRA against ε from the certified radii of every complete run (always);
+* CRA against epoch from metrics.csv (when runs evaluated more than one epoch);
+* the slack figure when `p` takes several values within a method/arch/dataset group (Fig. 5, left);
+* CRA, K and tightness against the training ε when `eps` takes several values (Fig. 5, right);
+* the decision-boundary grid for 2-d data (Fig. 4).
+A suite may restrict them with `table: {figures: [cra_vs_eps, cra_vs_epoch, slack, eps_sweep, decision_boundary]}`.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from bench import store
+from bench.certify import parse_eps
+from bench.config import config_hash
+from bench.report import paper, tables
+
+FIGURES = ("cra_vs_eps", "cra_vs_epoch", "slack", "eps_sweep", "decision_boundary")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What is on disk
+# ---------------------------------------------------------------------------------------------------------
+def cells_of(cfgs: Sequence[dict]) -> List[Tuple[str, dict, List[dict]]]:
+    """(hash, representative config, configs of all its seeds) per cell, in suite order."""
+    out: Dict[str, Tuple[dict, List[dict]]] = {}
+    for cfg in cfgs:
+        out.setdefault(config_hash(cfg), (cfg, []))[1].append(cfg)
+    return [(h, c, seeds) for h, (c, seeds) in out.items()]
+
+
+def runs_on_disk(cfgs: Sequence[dict], results: Path) -> Tuple[List[Tuple[dict, dict]], List[str]]:
+    """(result, config) of every finished run of `cfgs`, and a line per corrupt run."""
+    runs, problems = [], []
+    for cfg in cfgs:
+        folder = store.run_dir(results, cfg)
+        try:
+            res = store.result_or_none(folder)
+        except store.CorruptRunError as e:
+            problems.append(str(e))
+            continue
+        if res is not None:
+            runs.append((res, store.read_config(folder)))
+    return runs, problems
+
+
+def _minutes(seconds: float) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "–"
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.1f} min" if seconds < 7200
+                                                    else f"{seconds / 3600:.1f} h")
+
+
+def cell_summary(cfgs: Sequence[dict], runs: Sequence[Tuple[dict, dict]]) -> pd.DataFrame:
+    """Per cell: expected seeds, complete, diverged, missing, total train time, device(s), commit(s)."""
+    by_hash: Dict[str, List[dict]] = {}
+    for res, _ in runs:
+        by_hash.setdefault(res["config_hash"], []).append(res)
+    labels = tables.settings_by_hash([({"config_hash": config_hash(c)}, c) for c in cfgs])
+    rows = []
+    for h, cfg, seeds in cells_of(cfgs):
+        got = by_hash.get(h, [])
+        complete = [r for r in got if r["status"] == "complete"]
+        secs = sum(float(r.get("train_seconds") or 0.0) for r in got)
+        rows.append({"Method": cfg["method"], "Arch": cfg["arch"], "Dataset": cfg["dataset"],
+                     "Setting": labels.get(h, ""), "Seeds": len(seeds), "Complete": len(complete),
+                     "Diverged": sum(r["status"] == "diverged" for r in got), "Missing": len(seeds) - len(got),
+                     "Train time": _minutes(secs) if complete else "–", "train_seconds": secs,
+                     "Device": "; ".join(sorted({str(r.get("device")) for r in complete if r.get("device")})) or "–",
+                     "Commit": "; ".join(sorted({str(r.get("commit")) for r in got if r.get("commit")})) or "–",
+                     "Short": tables.short_note(cfg), "hash": h})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------
+def _series_labels(runs, swept: Sequence[str] = ()) -> Dict[str, str]:
+    settings = tables.settings_by_hash(runs, exclude=swept)
+    return {r["config_hash"]: f"{r['method']}@{r['arch']}" + (f" ({settings[r['config_hash']]})"
+                                                             if settings.get(r["config_hash"]) else "")
+            for r, _ in runs}
+
+
+def _complete_by_hash(runs) -> Dict[str, List[Tuple[dict, dict]]]:
+    """Complete runs per cell, cells ordered by dataset, method, arch and training ε."""
+    out: Dict[str, List[Tuple[dict, dict]]] = {}
+
+    def order(rc):
+        cfg = rc[1]
+        eps = cfg.get("eps")
+        return (cfg["dataset"], cfg["method"], cfg["arch"], float(eps) if isinstance(eps, (int, float)) else 0.0,
+                rc[0]["config_hash"], rc[0]["seed"])
+
+    for res, cfg in sorted(runs, key=order):
+        if res["status"] == "complete":
+            out.setdefault(res["config_hash"], []).append((res, cfg))
+    return out
+
+
+def _named_eps(runs) -> List[float]:
+    out = set()
+    for res, _ in runs:
+        for name in ((res.get("eval") or {}).get("test") or {}).get("cra", {}):
+            try:
+                out.add(round(parse_eps(name), 12))
+            except ValueError:
+                pass
+    return sorted(out)
+
+
+class RunCache:
+    """Each run loaded (model, converged bound, data) once per report, shared by the figures."""
+
+    def __init__(self, results: Path):
+        self.results = Path(results)
+        self._runs: Dict[str, object] = {}
+
+    def __call__(self, cfg: dict):
+        folder = store.run_dir(self.results, cfg)
+        if str(folder) not in self._runs:
+            self._runs[str(folder)] = store.load_run(folder)
+        return self._runs[str(folder)]
+
+
+def fig_cra_vs_eps(runs, load: RunCache, outdir: Path, split: str = "test"):
+    from bench.report import figures
+
+    labels = _series_labels(runs)
+    curves = []
+    for h, members in _complete_by_hash(runs).items():
+        seeds = [figures.correct_radii(load(cfg), split)
+                 for _, cfg in sorted(members, key=lambda rc: rc[0]["seed"])]
+        curves.append((labels[h], seeds))
+    if not curves:
+        return None
+    marks = _named_eps(runs)
+    fig = figures.cra_vs_eps_figure(curves, split, marks=marks)
+    paths = figures.save(fig, outdir / "cra_vs_eps")
+    caption = (f"Certified robust accuracy on the {split} split against ε over a fine grid, from each run's "
+               "certified radii (a point counts at ε iff it is classified correctly and its radius exceeds ε); "
+               "line: mean over seeds, band: range over seeds; dotted: the radii the tables report.")
+    return "Certified robust accuracy against ε", paths, caption
+
+
+def _epoch_column(cfg: dict, rows: Sequence[dict]) -> Optional[str]:
+    cols = [c for c in (rows[0] if rows else {}) if c.startswith("test_cra@")]
+    for want in ("test_cra@36/255", f"test_cra@{float(cfg['eps']):g}" if cfg.get("eps") is not None else None):
+        if want in cols:
+            return want
+    return cols[0] if cols else None
+
+
+def fig_cra_vs_epoch(runs, results: Path, outdir: Path):
+    from bench.report import figures
+
+    labels = _series_labels(runs)
+    curves, names = [], set()
+    for h, members in _complete_by_hash(runs).items():
+        seeds = []
+        for res, cfg in members:
+            rows = store.read_metrics(store.run_dir(results, cfg))
+            col = _epoch_column(cfg, rows)
+            if col is None:
+                continue
+            ep, val = figures.epoch_series(rows, col)
+            if len(ep) > 1:
+                seeds.append((ep, val))
+                names.add(col[len("test_cra@"):])
+        if seeds:
+            curves.append((labels[h], seeds))
+    if not curves:
+        return None
+    at = f"ε = {names.pop()}" if len(names) == 1 else "each cell's ε_train"
+    fig = figures.cra_vs_epoch_figure(curves, f"test CRA (%) at {at}")
+    paths = figures.save(fig, outdir / "cra_vs_epoch")
+    caption = (f"Test CRA at {at} against epoch, from metrics.csv (evaluated every `eval_every` epochs; as the "
+               "paper's Fig. D1); line: mean over seeds, band: range over seeds.")
+    return "CRA against epoch", paths, caption
+
+
+def _sweep_points(runs, key: str, split: str = "test") -> pd.DataFrame:
+    """Aggregated cells of the groups (method/arch/dataset and every other setting) in which `key` takes more
+    than one value, with x = the key's (final) value."""
+    from bench.schedules import final_value
+
+    agg, _ = tables.build_table(runs, split)
+    if agg.empty:
+        return agg
+    cfg_by_hash = {r["config_hash"]: c for r, c in runs}
+    labels = _series_labels(runs, swept=(key,))
+    agg = agg[agg["n"] > 0].copy()
+    agg["x"] = [final_value(cfg_by_hash[h][key]) if cfg_by_hash[h].get(key) is not None else float("nan")
+                for h in agg["config_hash"]]
+    agg["series"] = agg["config_hash"].map(labels)
+    counts = agg.groupby("series")["x"].nunique()
+    return agg[agg["series"].isin(counts[counts > 1].index)]
+
+
+def fig_slack(runs, outdir: Path):
+    from bench.report import figures
+
+    pts = _sweep_points(runs, "p")
+    if pts.empty:
+        return None
+    cra = next((m for m in ("CRA@36/255", "CRA@ε_train") if f"{m}_mean" in pts and pts[f"{m}_mean"].notna().any()),
+               None)
+    if cra is None:
+        return None
+    fig = figures.slack_figure(pts, cra)
+    paths = figures.save(fig, outdir / "slack")
+    what = "36/255" if cra == "CRA@36/255" else "the training ε"
+    caption = (f"Slack p against test clean accuracy (solid) and CRA at {what} (dashed), mean ± std over seeds "
+               "(the reference paper's Fig. 5, left; p is the official err_quantile q, the value its tables print).")
+    return "Slack: p against clean accuracy and CRA", paths, caption
+
+
+def fig_eps_sweep(runs, outdir: Path):
+    from bench.report import figures
+
+    pts = _sweep_points(runs, "eps")
+    if pts.empty:
+        return None
+    fig = figures.eps_sweep_figure(pts)
+    paths = figures.save(fig, outdir / "eps_sweep")
+    caption = ("Against the training ε (mean ± std over seeds): CRA at ε_test = ε_train, the Lipschitz bounds "
+               "K(h∘f) (solid) and K(f) (dashed), and tightness (the reference paper's Fig. 5, right).")
+    return "K(h∘f), K(f) and tightness against ε_train", paths, caption
+
+
+def fig_decision_boundary(runs, load: RunCache, outdir: Path):
+    """One panel per cell (its lowest complete seed): one row per method, columns ordered by ε, then p."""
+    from bench.registry import DATASETS
+    from bench.report.figures import decision_boundary_figure
+    from bench.schedules import final_value
+
+    if not runs or not all(tuple(getattr(DATASETS.get(r["dataset"]), "input_shape", ())) == (2,) for r, _ in runs):
+        return None
+    first: Dict[str, Tuple[dict, dict]] = {}
+    for res, cfg in runs:
+        if res["status"] == "complete" and cfg.get("eps") is not None:
+            h = res["config_hash"]
+            if h not in first or res["seed"] < first[h][0]["seed"]:
+                first[h] = (res, cfg)
+    if not first:
+        return None
+    labels = tables.settings_by_hash(runs)
+
+    def order(rc):
+        cfg = rc[1]
+        p = cfg.get("p")
+        return (cfg["method"], float(cfg["eps"]), -final_value(p) if p is not None else 0.0)
+
+    by_method: Dict[str, list] = {}
+    for res, cfg in sorted(first.values(), key=order):
+        run = load(cfg)
+        title = f"{cfg['method']}  {labels.get(res['config_hash']) or 'ε = %g' % float(cfg['eps'])}  (seed {res['seed']})"
+        by_method.setdefault(cfg["method"], []).append((run, float(cfg["eps"]), title))
+    paths = decision_boundary_figure(list(by_method.values()), outdir / "decision_boundary")
+    caption = ("Decision boundary f₀ = f₁ (black) and the certified margins (f₀ − f₁)/K₀₁ = ±ε (grey) on the "
+               "training set; red: misclassified or not certified at the training ε; CRA (train) and K(h∘f) in "
+               "the corner (as the reference paper's Fig. 4).")
+    return "Decision boundaries", paths, caption
+
+
+def write_figures(runs, results: Path, outdir: Path, wanted: Sequence[str] = FIGURES, verbose: bool = False):
+    """Each wanted figure the results support, as (title, [png, pdf], caption); failures become notes."""
+    made, notes = [], []
+    load = RunCache(results)
+    builders = {"cra_vs_eps": lambda: fig_cra_vs_eps(runs, load, outdir),
+                "cra_vs_epoch": lambda: fig_cra_vs_epoch(runs, results, outdir),
+                "slack": lambda: fig_slack(runs, outdir),
+                "eps_sweep": lambda: fig_eps_sweep(runs, outdir),
+                "decision_boundary": lambda: fig_decision_boundary(runs, load, outdir)}
+    unknown = [w for w in wanted if w not in builders]
+    if unknown:
+        raise ValueError(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}")
+    for name in wanted:
+        start = time.time()
+        try:
+            fig = builders[name]()
+        except (store.CorruptRunError, OSError, RuntimeError, ValueError, KeyError) as e:
+            notes.append(f"figure {name} not drawn: {type(e).__name__}: {e}")
+            print(f"bench: note: {notes[-1]}", file=sys.stderr)
+            continue
+        if fig is not None:
+            made.append(fig)
+            if verbose:
+                print(f"figure {name}: {time.time() - start:.1f} s", file=sys.stderr)
+    return made, notes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------------------
+def _status_line(summary: pd.DataFrame) -> str:
+    total = int(summary["Seeds"].sum())
+    complete, diverged, missing = (int(summary[c].sum()) for c in ("Complete", "Diverged", "Missing"))
+    devices = sorted({d for ds in summary["Device"] for d in str(ds).split("; ") if d and d != "–"})
+    commits = sorted({c for cs in summary["Commit"] for c in str(cs).split("; ") if c and c != "–"})
+    return (f"**Runs:** {complete} of {total} complete · {diverged} diverged · {missing} missing · "
+            f"{len(summary)} cells · total train time {_minutes(float(summary['train_seconds'].sum()))} · "
+            f"device: {'; '.join(devices) or '–'} · commit: {'; '.join(commits) or '–'}")
+
+
+def write_report(suite: dict, cfgs: Sequence[dict], results: Path, figures: bool = True,
+                 quiet: bool = False) -> Dict[str, Path]:
+    """Tables (md, tex, csv), per-seed appendix, paper-vs-measured, figures and report.md for a suite."""
+    results = Path(results)
+    name = str(suite["name"])
+    outdir = results / name
+    outdir.mkdir(parents=True, exist_ok=True)
+    runs, problems = runs_on_disk(cfgs, results)
+    seeds_expected = suite.get("seeds") if isinstance(suite.get("seeds"), int) else None
+    options = suite.get("table") or {}
+    baseline = options.get("baseline")
+    if baseline and not any(all(str(c.get(k)) == v for k, v in tables.parse_baseline(baseline).items())
+                            for _, c in runs):
+        baseline = None  # the baseline's runs are not there (yet): no deltas rather than an error
+    splits = list(options.get("splits") or tables.default_splits(runs)) if runs else ["test"]
+    written: Dict[str, Path] = {}
+
+    # tables
+    md, tex, csv, seed_md, seed_tex = [], [], [], [], []
+    for split in splits:
+        _, display = tables.build_table(runs, split, seeds_expected, baseline)
+        title = f"{name}: {split} split"
+        md.append((split, tables.render(display, "md")))
+        tex.append(tables.to_latex(display, f"{title}. " + tables.caption_for(display), f"tab:{name}-{split}"))
+        if not display.empty:
+            csv.append(tables.numeric_frame(display).assign(split=split))
+        seeds = tables.per_seed_frame(runs, split, seeds_expected)
+        seed_md.append((split, tables.to_markdown(seeds)))
+        seed_tex.append(tables.to_latex(seeds, f"{title}, every seed. " + tables.PER_SEED_CAPTION,
+                                        f"tab:{name}-{split}-seeds"))
+    table_md = "\n\n".join(f"### {name}: {sp} split\n\n{t}" for sp, t in md) + "\n"
+    files = {"table.md": table_md, "table.tex": "\n\n".join(tex) + "\n",
+             "table.csv": pd.concat(csv).to_csv(index=False) if csv else "",
+             "table_per_seed.md": "\n\n".join(f"### {sp} split\n\n{t}\n\n{tables.PER_SEED_CAPTION}"
+                                              for sp, t in seed_md) + "\n",
+             "table_per_seed.tex": "\n\n".join(seed_tex) + "\n"}
+
+    # paper vs measured
+    cells = paper.parse_paper(suite)
+    vs = paper.vs_paper_frame(runs, cells, seeds_expected, include_missing=True)
+    if cells:
+        files["paper_vs_measured.md"] = paper.render(vs, "md") + "\n"
+        files["paper_vs_measured.tex"] = paper.render(vs, "tex") + "\n"
+        files["paper_vs_measured.csv"] = paper.render(vs, "csv")
+    for fname, text in files.items():
+        store.atomic_write_text(outdir / fname, text)
+        written[fname] = outdir / fname
+    if not quiet:
+        print(table_md)
+
+    # figures
+    made, notes = [], []
+    if figures and runs:
+        made, notes = write_figures(runs, results, outdir, options.get("figures") or FIGURES, verbose=not quiet)
+        for _, paths, _ in made:
+            written.update({p.name: p for p in paths})
+
+    # the page
+    summary = cell_summary(cfgs, runs)
+    short = summary[summary["Short"].astype(bool)]
+    page = [f"# Suite `{name}`", str(suite.get("description") or "").strip(), _status_line(summary)]
+    if not short.empty:
+        page.append(f"> **⚠ Short runs.** {len(short)} of {len(summary)} cells trained for fewer epochs than the "
+                    f"protocol or on a training subset ({'; '.join(sorted(set(short['Short'])))}). Their numbers "
+                    "show that the pipeline runs; they are **not** reproductions of the paper.")
+    for sp, t in md:
+        page.append(f"## Results: {sp} split\n\n{t}")
+    if cells:
+        page.append("## Paper vs measured\n\n" + paper.render(vs, "md"))
+    if made:
+        page.append("## Figures")
+        for title, paths, caption in made:
+            png = next(p for p in paths if p.suffix == ".png")
+            pdf = next((p for p in paths if p.suffix == ".pdf"), None)
+            page.append(f"### {title}\n\n![{title}]({png.name})\n\n{caption}" +
+                        (f" ([PDF]({pdf.name}))" if pdf else ""))
+    cols = ["Method", "Arch", "Setting", "Seeds", "Complete", "Diverged", "Missing", "Train time", "Device"]
+    shown = summary[cols + (["Dataset"] if summary["Dataset"].nunique() > 1 else [])].copy()
+    if not shown["Setting"].astype(bool).any():
+        shown = shown.drop(columns="Setting")
+    shown["Note"] = summary["Short"].map(lambda s: f"short run ({s})" if s else "")
+    if not shown["Note"].astype(bool).any():
+        shown = shown.drop(columns="Note")
+    page.append("## Runs per cell\n\n" + tables.to_markdown(shown) +
+                "\n\nTrain time is the sum over the cell's finished runs (training only, without evaluation).")
+    page.append("## Appendix: every seed\n\n" + "\n\n".join(f"### {sp} split\n\n{t}" for sp, t in seed_md) +
+                f"\n\n{tables.PER_SEED_CAPTION}")
+    if problems or notes:
+        page.append("## Problems\n\n" + "\n".join(f"- {p}" for p in problems + notes))
+    page.append("---\nGenerated by `bench report " + name + "` from " + f"{len(runs)} result.json files; every "
+                "number above is computed from them, none is typed. Files: " +
+                ", ".join(f"[{f}]({f})" for f in sorted(files) if f.endswith((".tex", ".csv"))) + ".")
+    report = "\n\n".join(p for p in page if p) + "\n"
+    store.atomic_write_text(outdir / "report.md", report)
+    written["report.md"] = outdir / "report.md"
+    return written
