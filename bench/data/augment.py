@@ -43,14 +43,14 @@ def gray(x: torch.Tensor) -> torch.Tensor:
 def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
               padding: int) -> torch.Tensor:
     """Per image: zero-pad by `padding`, take the H×W window at (top, left), mirror it where `flip`."""
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = top[:, None] + torch.arange(h, device=x.device)                      # [B, H]
     cols = left[:, None] + torch.arange(w, device=x.device)                     # [B, W]
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    # advanced indices around a slice put the broadcast dims first: [B, H, W, C]
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    # one gather over the flattened padded image: index row·(W + 2P) + col, the same for every channel
+    index = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.flatten(2).gather(2, index).view(n, c, h, w)
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -68,9 +68,10 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
         keep, mix = f.to(x.dtype).view(shape), (1.0 - f).to(x.dtype).view(shape)
         luma = gray(x)
         mean = luma.mean(dim=(1, 2, 3), keepdim=True)
-        ref = torch.where((op == SATURATION).view(shape), luma,
-                          torch.where((op == CONTRAST).view(shape), mean, torch.zeros_like(mean)))
-        x = x.mul(keep).add_(ref.mul(mix)).clamp_(0.0, 1.0)
+        # the reference by 0/1 weights: exactly luma, mean or 0 for each image
+        is_sat, is_con = (op == SATURATION).to(x.dtype).view(shape), (op == CONTRAST).to(x.dtype).view(shape)
+        ref = luma.mul_(is_sat).add_(mean * is_con)
+        x = x.mul(keep).add_(ref.mul_(mix)).clamp_(0.0, 1.0)
     return x
 
 
