@@ -116,7 +116,8 @@ class CLL(Method):
     protocols.update({
         # Table B4 (LipConv, CIFAR-10) and mlosch/CLL soc/train_cll_on_cifar10.sh: HH1, 200 epochs, batch 128,
         # AdamW 1e-3 with decoupled weight decay 5e-4 (none on HH parameters), ×0.1 at epochs 100 and 150,
-        # ε = δ = 0.25, p = 0.05, λ = 1e-3; SOC's inputs (mean, std 0.2507: L = 3.99), crop + flip.
+        # ε = δ = 0.25, p = 0.05, λ = 1e-3; SOC's inputs (mean, std 0.2507: L = 3.99). The official loader
+        # augments by crop + flip only; the CIFAR dataset's augmentation adds jitter and rotation.
         "cifar10@lipconv": {"epochs": 200, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3,
                             "weight_decay": 5e-4, "lr_milestones": [100, 150], "protocol_epochs": 200,
                             "eps": 0.25, "p": 0.05, "lam": 1e-3,
@@ -129,13 +130,14 @@ class CLL(Method):
                                  "normalize": [[0.4914, 0.4822, 0.4465], [0.2507, 0.2507, 0.2507]]},
         # Table B4 ((CPL-)XL) and cpl/train_cll_on_cifar10.sh: 200 epochs, batch 256, Adam 1e-3, triangular lr,
         # ε = δ = 0.25, p = 0.1, λ = 1e-3; CPL's inputs (mean subtracted, std 1: L = 1).
-        "cifar10@cpl": {"epochs": 200, "batch_size": 256, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
-                        "lr_schedule": "triangular", "eps": 0.25, "p": 0.1, "lam": 1e-3,
+        "cifar10@cpl": {"epochs": 200, "protocol_epochs": 200, "batch_size": 256, "optimizer": "adam", "lr": 1e-3,
+                        "weight_decay": 0.0, "lr_schedule": "triangular", "eps": 0.25, "p": 0.1, "lam": 1e-3,
                         "normalize": [[0.4913997551666284, 0.48215855929893703, 0.4465309133731618],
                                       [1.0, 1.0, 1.0]]},
         # cpl/train_cll_on_cifar100.sh: ε = δ = 1.0, p = 1e-3, λ = 1e-3.
-        "cifar100@cpl": {"epochs": 200, "batch_size": 256, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
-                         "lr_schedule": "triangular", "eps": 1.0, "p": 1e-3, "lam": 1e-3,
+        "cifar100@cpl": {"epochs": 200, "protocol_epochs": 200, "batch_size": 256, "optimizer": "adam",
+                         "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "triangular",
+                         "eps": 1.0, "p": 1e-3, "lam": 1e-3,
                          "normalize": [[0.5071, 0.4865, 0.4409], [1.0, 1.0, 1.0]]},
     })
     # CLL needs weight rows in the last layer: these names mean the families' unconstrained-linear variants.

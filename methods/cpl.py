@@ -286,8 +286,8 @@ _CPL_CIFAR = {
     # no weight decay, the per-step triangular lr; crop 32 (pad 4) + flip; inputs in [0,1] with the mean
     # subtracted in-model and std 1 (no --norm_input). The official trainer saves `best_model.pt` by *test*
     # clean accuracy beside `last_model.pt`; lipbench reports the last epoch only.
-    "epochs": 200, "batch_size": 256, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
-    "lr_schedule": "triangular", "augment": True, "cert_eps": ["36/255", "72/255", "108/255"],
+    "epochs": 200, "protocol_epochs": 200, "batch_size": 256, "optimizer": "adam", "lr": 1e-3,
+    "weight_decay": 0.0, "lr_schedule": "triangular", "augment": True, "cert_eps": ["36/255", "72/255", "108/255"],
 }
 
 

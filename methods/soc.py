@@ -88,7 +88,8 @@ class SkewOrthogonalConv(PowerIterated, nn.Module):
     `u1..v4`, `correction`), so official state_dicts load."""
 
     #: the four reshapes of an [o, i, p, q] filter as bilinear forms vᵀ R u: (u indices, v indices). Official
-    #: shapes: u1 (1,M,1,k) v1 (M,1,k,1); u2 (1,M,k,1) v2 (M,1,1,k); u3 (1,M,k,k) v3 (M,1,1,1); u4 (M,1,k,k) v4 (1,M,1,1)
+    #: shapes: u1 (1,M,1,k) v1 (M,1,k,1); u2 (1,M,k,1) v2 (M,1,1,k); u3 (1,M,k,k) v3 (M,1,1,1);
+    #: u4 (M,1,k,k) v4 (1,M,1,1)
     _RESHAPES = {1: ("iq", "op"), 2: ("ip", "oq"), 3: ("ipq", "o"), 4: ("opq", "i")}
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,

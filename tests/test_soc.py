@@ -173,7 +173,8 @@ def test_activation_jacobians_and_global_lipschitz(name):
             assert float(sv[0]) <= 1 + 1e-6 and float(sv[-1]) >= 1 - 1e-6, phase  # piecewise orthogonal
         # continuity across the pieces: 1-Lipschitz on random pairs, also close ones straddling boundaries
         a = torch.randn(2000, 8, 1, 1, dtype=torch.float64)
-        b = a + torch.randn(2000, 8, 1, 1, dtype=torch.float64) * torch.logspace(-6, 0, 2000, dtype=torch.float64)[:, None, None, None]
+        scale = torch.logspace(-6, 0, 2000, dtype=torch.float64)[:, None, None, None]
+        b = a + torch.randn(2000, 8, 1, 1, dtype=torch.float64) * scale
         with torch.no_grad():
             ratio = (act(a) - act(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
         assert float(ratio.max()) <= 1 + 1e-9, phase
