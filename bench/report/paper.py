@@ -45,6 +45,7 @@ class PaperCell:
     match: Dict[str, object]
     split: str = "test"
     values: Dict[str, float] = field(default_factory=dict)   # metric column ('clean', 'CRA@36/255', ...) → printed
+    printed: Dict[str, str] = field(default_factory=dict)    # the same numbers as written in the suite ('61.0')
     note: str = ""
     seeds: Dict[str, List[float]] = field(default_factory=dict)
     seeds_source: str = ""
@@ -107,7 +108,8 @@ def parse_paper(suite: dict) -> List[PaperCell]:
         seeds_block = entry.get("seeds") or {}
         seeds = {k: list(v) for k, v in _flat_metrics(seeds_block, where + " (seeds)").items()}
         cells.append(PaperCell(source=str(entry["source"]), match=match, split=str(entry.get("split", "test")),
-                               values={k: float(v) for k, v in values.items()}, note=str(entry.get("note", "")),
+                               values={k: float(v) for k, v in values.items()},
+                               printed={k: str(v) for k, v in values.items()}, note=str(entry.get("note", "")),
                                seeds=seeds, seeds_source=str(seeds_block.get("source", "")), suite=name))
     return cells
 
@@ -182,11 +184,10 @@ def _seed_check(cell: PaperCell, metric: str) -> str:
         return ""
     mean = sum(seeds) / len(seeds)
     std = math.sqrt(sum((v - mean) ** 2 for v in seeds) / (len(seeds) - 1))
-    printed = cell.values[metric]
-    if abs(mean - printed) < 0.05 + 1e-9:
+    if abs(mean - cell.values[metric]) < 0.05 + 1e-9:
         return ""
     return (f"{cell.seeds_source or 'per-seed'} values average {mean:.2f} ± {std:.2f} (n={len(seeds)}), "
-            f"not the printed {printed:g}")
+            f"not the printed {cell.printed.get(metric, cell.values[metric])}")
 
 
 def vs_paper_frame(runs: Sequence[Tuple[dict, dict]], cells: Sequence[PaperCell],
@@ -220,7 +221,7 @@ def vs_paper_frame(runs: Sequence[Tuple[dict, dict]], cells: Sequence[PaperCell]
                     "Method": cell.match.get("method", ""), "Arch": cell.match.get("arch", cfg.get("arch", "any")),
                     "Dataset": cell.match.get("dataset", cfg.get("dataset", "")), "Setting": _label(cell),
                     "Split": cell.split, "Metric": tables.header(metric), "metric_key": metric,
-                    "paper": printed, "mean": mean, "std": std, "n_runs": len(vals), "diverged": diverged,
+                    "paper": printed, "paper_printed": cell.printed.get(metric, f"{printed:g}"), "mean": mean, "std": std, "n_runs": len(vals), "diverged": diverged,
                     "seeds_expected": seeds_expected, "measured": bool(h), "short": short,
                     "epochs": cfg.get("epochs"), "Source": cell.source, "Note": "; ".join(notes),
                     "config_hash": h or "",
@@ -249,7 +250,7 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
             n = tables.n_label({"n": r["n_runs"], "seeds_expected": r["seeds_expected"], "diverged": r["diverged"]})
             run = f"⚠ SHORT ({r['short']}): not a reproduction" if r["short"] else "full protocol"
         rows.append({"Method": r["Method"], "Arch": r["Arch"], "Setting": r["Setting"], "Split": r["Split"],
-                     "Metric": r["Metric"], "Paper": f"{r['paper']:g}", "Measured": measured,
+                     "Metric": r["Metric"], "Paper": r["paper_printed"], "Measured": measured,
                      "Δ": delta, "n": n, "Run": run, "Source": r["Source"], "Note": r["Note"]})
     df = pd.DataFrame(rows)
     for col in ("Setting", "Note"):

@@ -332,7 +332,9 @@ TEXT_COLUMNS = ("Method", "Arch", "Dataset", "Setting", "Note", "n", "Model", "M
                 "Split")
 _TEX = {"±": r"$\pm$", "∘": r"$\circ$", "ε": r"$\varepsilon$", "%": r"\%", "_": r"\_", "&": r"\&",
         "#": r"\#", "→": r"$\to$", "–": "--", "−": "$-$", "Δ": r"$\Delta$", "$": r"\$", "{": r"\{", "}": r"\}",
-        "\\": r"\textbackslash{}", "^": r"\^{}", "~": r"\~{}", "⚠": "(!)", "·": r"$\cdot$", "≈": r"$\approx$"}
+        "\\": r"\textbackslash{}", "^": r"\^{}", "~": r"\~{}", "⚠": "(!)", "·": r"$\cdot$", "≈": r"$\approx$",
+        "†": r"$^\dagger$", "§": r"\S{}", "“": "``", "”": "''", "≤": r"$\le$", "≥": r"$\ge$", "λ": r"$\lambda$",
+        "δ": r"$\delta$", "σ": r"$\sigma$", "₀": r"$_0$", "₁": r"$_1$"}
 
 
 def tex_escape(s: str) -> str:
