@@ -12,6 +12,7 @@ from bench.nn.lipschitz import UnconvergedBoundError
 from bench.optim import make_lr_scheduler, triangular_factor
 from methods import cpl
 from tests.conftest import fixture, t64
+from tests.test_soc import blow_up  # 10 Adam steps maximising ‖y‖
 
 CASES = [("cpl_conv_c6_inner10_hw8", "kernel"), ("cpl_linear_c24_inner40", "weights")]
 
@@ -57,20 +58,6 @@ def jacobians(layer, x):
         J = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], xi)
         out.append(J.reshape(xi.numel(), xi.numel()))
     return torch.stack(out)
-
-
-def blow_up(layer, x, steps=10, lr=0.05):
-    g = torch.Generator().manual_seed(1)
-    layer.train()
-    r = torch.randn(layer(x).shape, generator=g, dtype=x.dtype)
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-    for _ in range(steps):
-        y = layer(x)
-        loss = -(y.norm() + (r * y).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    layer.eval()
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
