@@ -3,6 +3,7 @@
 A run's config is one flat mapping. It is resolved in this order, later entries winning:
 
     engine defaults ← dataset defaults ← method hyperparameters ← method's recipe for the dataset
+                    ← its recipe for the dataset and the arch's family ("cifar10@lipconv")
                     ← suite (defaults, then cell) ← command line (--set key=value)
 
 Keys keep the paper's names where it has them (`eps`, `p`, `lam`, `delta`). Unknown keys are an error with a
@@ -101,6 +102,10 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
     cfg.update(copy.deepcopy(getattr(dataset, "defaults", {})))
     cfg.update(copy.deepcopy(method.hparams))
     cfg.update(copy.deepcopy(method.protocols.get(str(spec["dataset"]), {})))
+    # a recipe for one architecture family on a dataset ("cifar10@lipconv") refines the dataset's recipe
+    family = getattr(ARCHS.get(str(spec["arch"])), "family", None)
+    if family:
+        cfg.update(copy.deepcopy(method.protocols.get(f"{spec['dataset']}@{family}", {})))
     cfg.update(copy.deepcopy(dict(spec)))
     return cfg
 
