@@ -110,9 +110,9 @@ class CLL(Method):
     }
     # CLL on the 1-Lipschitz families (supplement B: "unconstrained final classification layer, instead of
     # last-layer normalization"): K_up = the backbone's sound bound × L, K_ij = K_up·‖W_i − W_j‖. Keyed
-    # "<dataset>@<arch family>" (the arch factory's `family`). The official forks keep `best` checkpoints by
-    # test accuracy beside the last; lipbench reports the last epoch. Their λ·K̄² takes the max over the batch's
-    # label rows; lipbench's over all pairs.
+    # "<dataset>@<arch family>" (the arch factory's `family`), refining the dataset's recipe above. The
+    # official forks keep `best` checkpoints by test accuracy beside the last; lipbench reports the last epoch.
+    # Their λ·K̄² takes the max over the batch's label rows; lipbench's over all pairs.
     protocols.update({
         # Table B4 (LipConv, CIFAR-10) and mlosch/CLL soc/train_cll_on_cifar10.sh: HH1, 200 epochs, batch 128,
         # AdamW 1e-3 with decoupled weight decay 5e-4 (none on HH parameters), ×0.1 at epochs 100 and 150,
@@ -123,20 +123,22 @@ class CLL(Method):
                             "eps": 0.25, "p": 0.05, "lam": 1e-3,
                             "normalize": [[0.4914, 0.4822, 0.4465], [0.2507, 0.2507, 0.2507]]},
         # Table B4 (LipConv, Tiny-ImageNet) and soc/train_cll_on_tinyimagenet.sh: ε = δ = 0.15, λ = 1e-5,
-        # p = 0.3 for LipConv-20 (Table 1's row; the script uses p = 0.1 for LipConv-10), else as CIFAR-10.
+        # p = 0.3 for LipConv-20 (Table 1's row; the script uses p = 0.1 for LipConv-10), no β schedule, else
+        # as CIFAR-10.
         "tinyimagenet@lipconv": {"epochs": 200, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3,
                                  "weight_decay": 5e-4, "lr_milestones": [100, 150], "protocol_epochs": 200,
-                                 "eps": 0.15, "p": 0.3, "lam": 1e-5,
+                                 "eps": 0.15, "p": 0.3, "lam": 1e-5, "beta": 1.0,
                                  "normalize": [[0.4914, 0.4822, 0.4465], [0.2507, 0.2507, 0.2507]]},
         # Table B4 ((CPL-)XL) and cpl/train_cll_on_cifar10.sh: 200 epochs, batch 256, Adam 1e-3, triangular lr,
         # ε = δ = 0.25, p = 0.1, λ = 1e-3; CPL's inputs (mean subtracted, std 1: L = 1).
         "cifar10@cpl": {"epochs": 200, "protocol_epochs": 200, "batch_size": 256, "optimizer": "adam", "lr": 1e-3,
-                        "weight_decay": 0.0, "lr_schedule": "triangular", "eps": 0.25, "p": 0.1, "lam": 1e-3,
+                        "weight_decay": 0.0, "lr_schedule": "triangular", "lr_milestones": [],
+                        "eps": 0.25, "p": 0.1, "lam": 1e-3,
                         "normalize": [[0.4913997551666284, 0.48215855929893703, 0.4465309133731618],
                                       [1.0, 1.0, 1.0]]},
         # cpl/train_cll_on_cifar100.sh: ε = δ = 1.0, p = 1e-3, λ = 1e-3.
         "cifar100@cpl": {"epochs": 200, "protocol_epochs": 200, "batch_size": 256, "optimizer": "adam",
-                         "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "triangular",
+                         "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "triangular", "lr_milestones": [],
                          "eps": 1.0, "p": 1e-3, "lam": 1e-3,
                          "normalize": [[0.5071, 0.4865, 0.4409], [1.0, 1.0, 1.0]]},
     })

@@ -175,8 +175,16 @@ def test_cpl_parameter_counts(arch):
     assert sum(p.numel() for m in (features, classifier) for p in m.parameters()) == PARAMS[arch]
 
 
-def test_xl_aliases():
+def test_xl_aliases_and_family_recipes():
     from bench.config import resolve
-    assert resolve({"method": "cpl", "arch": "xl", "dataset": "moons"})["arch"] == "cpl-xl"
-    assert resolve({"method": "cll", "arch": "xl", "dataset": "moons"})["arch"] == "cpl-xl-linear"
-    assert resolve({"method": "cll", "arch": "lipconv-20", "dataset": "moons"})["arch"] == "lipconv-20-linear"
+    assert resolve({"method": "cpl", "arch": "xl", "dataset": "cifar10"})["lr_schedule"] == "triangular"
+    assert resolve({"method": "cpl", "arch": "xl", "dataset": "cifar10"})["arch"] == "cpl-xl"
+    xl = resolve({"method": "cll", "arch": "xl", "dataset": "cifar10"})       # Table B4, (CPL-)XL
+    assert xl["arch"] == "cpl-xl-linear"
+    assert (xl["epochs"], xl["batch_size"], xl["lr_schedule"], xl["eps"], xl["p"], xl["lam"]) == \
+        (200, 256, "triangular", 0.25, 0.1, 1e-3)
+    lc = resolve({"method": "cll", "arch": "lipconv-20", "dataset": "cifar10"})  # Table B4, LipConv
+    assert lc["arch"] == "lipconv-20-linear"
+    assert (lc["epochs"], lc["optimizer"], lc["lr_milestones"], lc["eps"], lc["p"], lc["lam"]) == \
+        (200, "adamw", [100, 150], 0.25, 0.05, 1e-3)
+    assert resolve({"method": "cll", "arch": "lipconv-20", "dataset": "tinyimagenet"})["beta"] == 1.0
