@@ -335,14 +335,14 @@ def write_report(suite: dict, cfgs: Sequence[dict], results: Path, figures: bool
 
     # tables
     md, tex, csv, seed_md, seed_tex = [], [], [], [], []
-    for split in splits:
+    for i, split in enumerate(splits):
         _, display = tables.build_table(runs, split, seeds_expected, baseline)
         title = f"{name}: {split} split"
         md.append((split, tables.render(display, "md")))
         tex.append(tables.to_latex(display, f"{title}. " + tables.caption_for(display), f"tab:{name}-{split}"))
         if not display.empty:
             csv.append(tables.numeric_frame(display).assign(split=split))
-        seeds = tables.per_seed_frame(runs, split, seeds_expected)
+        seeds = tables.per_seed_frame(runs, split, seeds_expected, split_metrics_only=i > 0)
         seed_md.append((split, tables.to_markdown(seeds)))
         seed_tex.append(tables.to_latex(seeds, f"{title}, every seed. " + tables.PER_SEED_CAPTION,
                                         f"tab:{name}-{split}-seeds"))

@@ -75,19 +75,27 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test") -> pd.Data
     return pd.DataFrame(rows)
 
 
+#: keys named on every row when they differ anywhere in a dataset's table, not only within a method/arch group
+ALWAYS_LABELLED = ("eps",)
+
+
 def settings_by_hash(runs: Iterable[Tuple[dict, dict]], exclude: Sequence[str] = ()) -> Dict[str, str]:
     """For each config hash, the keys whose values differ among configs of the same method/arch/dataset
     (e.g. 'eps=0.15'), so rows are labelled by what actually differs between them (`exclude`: keys left out,
     e.g. the swept one)."""
     configs = {result["config_hash"]: cfg for result, cfg in runs}
     groups: Dict[tuple, List[dict]] = {}
+    by_dataset: Dict[str, List[dict]] = {}
     for cfg in configs.values():
         groups.setdefault(tuple(cfg[k] for k in IDENTITY), []).append(cfg)
+        by_dataset.setdefault(str(cfg["dataset"]), []).append(cfg)
     labels = {}
     for h, cfg in configs.items():
         peers = groups[tuple(cfg[k] for k in IDENTITY)]
-        varying = sorted(k for k in cfg if k not in _NOT_SETTINGS and k not in exclude
-                         and len({repr(p.get(k)) for p in peers}) > 1)
+        table = by_dataset[str(cfg["dataset"])]
+        varying = sorted(k for k in cfg if k not in _NOT_SETTINGS and k not in exclude and (
+            len({repr(p.get(k)) for p in peers}) > 1
+            or (k in ALWAYS_LABELLED and len({repr(p.get(k)) for p in table}) > 1)))
         labels[h] = ", ".join(f"{k}={_fmt_setting(cfg.get(k))}" for k in varying)
     return labels
 
@@ -376,8 +384,8 @@ def numeric_frame(display: pd.DataFrame) -> pd.DataFrame:
     out = agg[["method", "arch", "dataset", "setting"]].copy()
     for m in metrics:
         scale = 100.0 if is_percent(m) else 1.0
-        out[f"{header(m)} mean"] = agg[f"{m}_mean"] * scale
-        out[f"{header(m)} std"] = agg[f"{m}_std"] * scale
+        out[f"{header(m)} mean"] = (agg[f"{m}_mean"] * scale).round(4)
+        out[f"{header(m)} std"] = (agg[f"{m}_std"] * scale).round(4)
     out["params"] = agg["params"]
     out["n"] = agg["n"]
     out["seeds_expected"] = agg["seeds_expected"]
@@ -429,9 +437,11 @@ def render(display: pd.DataFrame, fmt: str, caption: Optional[str] = None) -> st
 # ---------------------------------------------------------------------------------------------------------
 # The per-seed appendix table (as Tables D6–D8)
 # ---------------------------------------------------------------------------------------------------------
-def per_seed_frame(runs, split: str = "test", seeds_expected: Optional[int] = None) -> pd.DataFrame:
+def per_seed_frame(runs, split: str = "test", seeds_expected: Optional[int] = None,
+                   split_metrics_only: bool = False) -> pd.DataFrame:
     """One row per cell × metric, one column per seed, and Avg (mean ± std over complete seeds), as the
-    paper's Tables D6–D8. A diverged seed reads 'div.', a missing one '–'."""
+    paper's Tables D6–D8. A diverged seed reads 'div.', a missing one '–'. `split_metrics_only`: clean and CRA
+    only (K and tightness do not depend on the split, so a second split need not repeat them)."""
     runs = list(runs)
     df = run_frame(runs, split)
     if df.empty:
@@ -440,6 +450,8 @@ def per_seed_frame(runs, split: str = "test", seeds_expected: Optional[int] = No
     df["setting"] = df["config_hash"].map(labels).fillna("")
     agg = aggregate(df, seeds_expected)
     metrics = [c[:-5] for c in agg.columns if c.endswith("_mean")]
+    if split_metrics_only:
+        metrics = [m for m in metrics if m == "clean" or m.startswith("CRA@")]
     seeds = sorted(set(int(s) for s in df["seed"]) | set(range(1, int(seeds_expected or 0) + 1)))
     rows = []
     for _, r in agg.iterrows():
@@ -509,13 +521,13 @@ def table_for_folder(results: Path, suite_name: Optional[str] = None, fmt: str =
         baseline = (suite.get("table") or {}).get("baseline")
     out = []
     splits = [split] if split else default_splits(runs)
-    for sp in splits:
+    for i, sp in enumerate(splits):
         _, display = build_table(runs, sp, seeds_expected, baseline)
         if len(splits) > 1:
             out.append(f"### {sp} split\n" if fmt == "md" else (f"% {sp} split" if fmt == "tex" else ""))
         out.append(render(display, fmt))
         if per_seed:
-            seeds = per_seed_frame(runs, sp, seeds_expected)
+            seeds = per_seed_frame(runs, sp, seeds_expected, split_metrics_only=i > 0)
             out.append((f"#### Per-seed results ({sp} split)\n" if fmt == "md" else "") +
                        (to_markdown(seeds) + "\n\n" + PER_SEED_CAPTION if fmt == "md" else
                         to_latex(seeds, PER_SEED_CAPTION) if fmt == "tex" else seeds.to_csv(index=False)))
