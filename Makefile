@@ -24,8 +24,9 @@ suite: install
 test: install
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
+# `make table SUITE=cifar10 TABLE_ARGS="--vs-paper --per-seed"`; `make report SUITE=...` writes report.md
 table: install
-	$(BIN)/bench table $(RESULTS) $(if $(filter-out moons,$(SUITE)),--suite $(SUITE),)
+	$(BIN)/bench table $(RESULTS) $(if $(filter-out moons,$(SUITE)),--suite $(SUITE),) $(TABLE_ARGS)
 
 report: install
 	$(BIN)/bench report $(SUITE) --results $(RESULTS)
