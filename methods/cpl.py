@@ -244,6 +244,8 @@ CPL_SIZES = {  # depth, channels, depth_linear, n_features (see the module docst
 def cpl_modules(input_shape: Sequence[int], num_classes: int, depth: int, channels: int, depth_linear: int,
                 n_features: int, inner: int = 5, head: str = "trunc"):
     """(features, classifier, last_layer_one_lipschitz) of `ConvexPotentialLayerNetwork`."""
+    if len(input_shape) != 3:
+        raise ValueError(f"the CPL network needs images (C, H, W), got input shape {tuple(input_shape)}")
     c, h, w = input_shape
     if channels < c or h % 4 or w % 4:
         raise ValueError(f"CPL pads {c} channels up to {channels} and sum-pools 4×4: got input {tuple(input_shape)}")

@@ -393,6 +393,8 @@ def lipconv_modules(input_shape: Sequence[int], num_classes: int, block_size: in
     """(features, classifier, last_layer_one_lipschitz) of LipConvNet-(5·block_size) (official `LipConvNet`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown SOC activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+    if len(input_shape) != 3:
+        raise ValueError(f"LipConvNet needs images (C, H, W), got input shape {tuple(input_shape)}")
     c, h, w = input_shape
     if h % 32 or w % 32:
         raise ValueError(f"LipConvNet halves the input 5 times; {h}×{w} is not divisible by 32")
