@@ -199,7 +199,7 @@ def cra_vs_epoch_figure(curves: Sequence[Tuple[str, Sequence[Tuple[np.ndarray, n
 # ---------------------------------------------------------------------------------------------------------
 # Two-moons decision boundaries (Fig. 4)
 # ---------------------------------------------------------------------------------------------------------
-def decision_boundary_panel(ax, run, eps: float, title: str, grid: int = 300) -> None:
+def decision_boundary_panel(ax, run, eps: float, title: str, grid: int = 220) -> None:
     """Fig. 4 style: the boundary f₀ = f₁ in black, the ±ε margins (f₀ − f₁)/K₀₁ = ±ε in grey, training
     points by class, misclassified or non-certified training points in red, CRA and K(h∘f) in a corner."""
     x, y = run.data("train")
@@ -232,9 +232,11 @@ def decision_boundary_panel(ax, run, eps: float, title: str, grid: int = 300) ->
     ax.set_aspect("equal")
 
 
-def decision_boundary_figure(panels: Sequence[Sequence[tuple]], path_stem: Optional[Path] = None):
-    """panels: rows of (run, ε, title). One row per method, one column per ε. Saved (paths returned) when a
-    path is given, else the Figure is returned."""
+def decision_boundary_figure(panels: Sequence[Sequence[tuple]], path_stem: Optional[Path] = None,
+                             max_cols: int = 4):
+    """panels: rows of (run, ε, title), e.g. one row per method and one column per ε; a row longer than
+    `max_cols` wraps. Saved (paths returned) when a path is given, else the Figure is returned."""
+    panels = [row[i:i + max_cols] for row in panels for i in range(0, len(row), max_cols)]
     n_rows, n_cols = len(panels), max(len(r) for r in panels)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.0 * n_rows), squeeze=False)
     for i, row in enumerate(panels):
