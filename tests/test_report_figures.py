@@ -124,3 +124,9 @@ def test_report_from_a_tiny_suite(tmp_path, capsys):
     summary = report.cell_summary(cfgs, report.runs_on_disk(cfgs, results)[0])
     assert summary["Complete"].sum() == 3 and summary["Missing"].sum() == 1
     assert "cpu" in page and "total train time" in page
+
+    # the same figures for any hand-picked set of run folders
+    picked = [store.run_dir(results, c) for c in cfgs[:2]]
+    made, notes = report.figures_for_folders(picked, tmp_path / "picked", wanted=("cra_vs_eps", "cra_vs_epoch"))
+    assert not notes and [t for t, _, _ in made] == ["Certified robust accuracy against ε", "CRA against epoch"]
+    _written(made[0][1])

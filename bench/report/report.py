@@ -11,7 +11,8 @@ Which figures a suite gets follows from its results, never from method names:
 * the slack figure when `p` takes several values within a method/arch/dataset group (Fig. 5, left);
 * CRA, K and tightness against the training ε when `eps` takes several values (Fig. 5, right);
 * the decision-boundary grid for 2-d data (Fig. 4).
-A suite may restrict them with `table: {figures: [cra_vs_eps, cra_vs_epoch, slack, eps_sweep, decision_boundary]}`.
+A suite may restrict them with `table: {figures: [cra_vs_eps, cra_vs_epoch, slack, eps_sweep, decision_boundary]}`;
+`figures_for_folders` draws the same figures for any hand-picked set of run folders.
 """
 from __future__ import annotations
 
@@ -123,14 +124,20 @@ def _named_eps(runs) -> List[float]:
 
 
 class RunCache:
-    """Each run loaded (model, converged bound, data) once per report, shared by the figures."""
+    """Each run loaded (model, converged bound, data) once per report, shared by the figures. Run folders are
+    found below `results`, or looked up in `folders` ((config hash, seed) → folder) for arbitrary runs."""
 
-    def __init__(self, results: Path):
-        self.results = Path(results)
+    def __init__(self, results: Optional[Path] = None, folders: Optional[Dict[Tuple[str, int], Path]] = None):
+        self.results = Path(results) if results is not None else None
+        self.folders = dict(folders or {})
         self._runs: Dict[str, object] = {}
 
+    def folder(self, cfg: dict) -> Path:
+        found = self.folders.get((config_hash(cfg), int(cfg["seed"])))
+        return found if found is not None else store.run_dir(self.results, cfg)
+
     def __call__(self, cfg: dict):
-        folder = store.run_dir(self.results, cfg)
+        folder = self.folder(cfg)
         if str(folder) not in self._runs:
             self._runs[str(folder)] = store.load_run(folder)
         return self._runs[str(folder)]
@@ -164,7 +171,7 @@ def _epoch_column(cfg: dict, rows: Sequence[dict]) -> Optional[str]:
     return cols[0] if cols else None
 
 
-def fig_cra_vs_epoch(runs, results: Path, outdir: Path):
+def fig_cra_vs_epoch(runs, load: RunCache, outdir: Path):
     from bench.report import figures
 
     labels = _series_labels(runs)
@@ -172,7 +179,7 @@ def fig_cra_vs_epoch(runs, results: Path, outdir: Path):
     for h, members in _complete_by_hash(runs).items():
         seeds = []
         for res, cfg in members:
-            rows = store.read_metrics(store.run_dir(results, cfg))
+            rows = store.read_metrics(load.folder(cfg))
             col = _epoch_column(cfg, rows)
             if col is None:
                 continue
@@ -276,12 +283,13 @@ def fig_decision_boundary(runs, load: RunCache, outdir: Path):
     return "Decision boundaries", paths, caption
 
 
-def write_figures(runs, results: Path, outdir: Path, wanted: Sequence[str] = FIGURES, verbose: bool = False):
+def write_figures(runs, results: Optional[Path], outdir: Path, wanted: Sequence[str] = FIGURES,
+                  verbose: bool = False, folders: Optional[Dict[Tuple[str, int], Path]] = None):
     """Each wanted figure the results support, as (title, [png, pdf], caption); failures become notes."""
     made, notes = [], []
-    load = RunCache(results)
+    load = RunCache(results, folders)
     builders = {"cra_vs_eps": lambda: fig_cra_vs_eps(runs, load, outdir),
-                "cra_vs_epoch": lambda: fig_cra_vs_epoch(runs, results, outdir),
+                "cra_vs_epoch": lambda: fig_cra_vs_epoch(runs, load, outdir),
                 "slack": lambda: fig_slack(runs, outdir),
                 "eps_sweep": lambda: fig_eps_sweep(runs, outdir),
                 "decision_boundary": lambda: fig_decision_boundary(runs, load, outdir)}
@@ -301,6 +309,18 @@ def write_figures(runs, results: Path, outdir: Path, wanted: Sequence[str] = FIG
             if verbose:
                 print(f"figure {name}: {time.time() - start:.1f} s", file=sys.stderr)
     return made, notes
+
+
+def figures_for_folders(folders: Sequence[Path], outdir: Path, wanted: Sequence[str] = FIGURES):
+    """The report's figures for any set of finished run folders (e.g. a hand-picked CLL and GloRo run):
+    `figures_for_folders(["results/cifar10/cll/4c3f/<hash>/seed-1", ...], "figs")` → ([(title, paths, caption)],
+    notes)."""
+    runs, where = [], {}
+    for f in map(Path, folders):
+        res = store.read_result(f)
+        runs.append((res, store.read_config(f)))
+        where[(res["config_hash"], int(res["seed"]))] = f
+    return write_figures(runs, None, Path(outdir), wanted, folders=where)
 
 
 # ---------------------------------------------------------------------------------------------------------
