@@ -236,21 +236,25 @@ def test_submitit_array_trains_and_a_preempted_task_resumes(tmp_path):
     executor.update_parameters(timeout_min=10)
     jobs = submit(cfgs, str(results), "tiny", None, "10", 2, executor=executor)
     assert [j.result()["status"] for j in jobs] == ["complete", "complete"]
-    # a long run, pre-empted mid-way: submitit requeues the task, which resumes from its checkpoint
-    long_cfg = {**resolve({"method": "cll", "arch": "moons-mlp", "dataset": "moons", "epochs": 400,
-                           "n_train": 400, "n_test": 400, "lower_bound_pairs": 20, "lower_bound_steps": 2,
-                           "threads": 1}), "seed": 3}
+    # a long run (1,500 one-step epochs), pre-empted early: submitit requeues the task, which resumes from
+    # its last checkpoint instead of starting over
+    long_cfg = {**resolve({"method": "cll", "arch": "moons-mlp", "dataset": "moons", "epochs": 1500,
+                           "n_train": 100, "n_test": 200, "lower_bound_pairs": 20, "lower_bound_steps": 2,
+                           "eval_every": 500, "threads": 1}), "seed": 3}
     (job,) = executor.map_array(RunTask(str(results)), [long_cfg])
     folder = store.run_dir(results, long_cfg)
     deadline = time.time() + 400
-    while time.time() < deadline and len(store.read_metrics(folder)) < 20:
-        time.sleep(0.05)
-    assert len(store.read_metrics(folder)) >= 20, "the task did not start training in time"
-    job._interrupt()  # the pre-emption signal submitit's local executor sends (SIGUSR2)
+    while time.time() < deadline and len(store.read_metrics(folder)) < 5:
+        time.sleep(0.02)
+    # Pre-empt the task the way Slurm does: SIGUSR2 to the task process (the local executor's controller, whose
+    # pid the job holds, runs it as a child and requeues it when it exits with submitit's requeue code).
+    controller = job._process.pid
+    (task_pid,) = [int(p) for p in Path(f"/proc/{controller}/task/{controller}/children").read_text().split()]
+    os.kill(task_pid, signal.SIGUSR2)
     result = job.result()
     assert result["status"] == "complete" and len(result["resumed_at_epochs"]) == 1
-    assert result["resumed_at_epochs"][0] >= 20
-    assert len(store.read_metrics(folder)) == 400
+    assert 5 <= result["resumed_at_epochs"][0] < 1500
+    assert len(store.read_metrics(folder)) == 1500
 
 
 def test_registry_has_test_methods_only_in_tests():
