@@ -231,8 +231,10 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             row["test_clean"] = ev["clean"]
             row.update({f"test_cra@{k}": v for k, v in ev["cra"].items()})
         rows.append(row)
-        store.write_metrics(folder, rows)
+        # metrics.csv and the checkpoint are written together (each atomically; a resume drops metric rows
+        # beyond the checkpoint's epoch), every `checkpoint_every` epochs and at the end
         if (epoch + 1) % int(cfg["checkpoint_every"]) == 0 or epoch + 1 == epochs:
+            store.write_metrics(folder, rows)
             store.save_checkpoint(folder, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                            "scheduler": sched.state_dict(), "rng": _rng_state(gen),
                                            "epoch": epoch + 1, "step": step, "train_seconds": train_seconds,

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 METRIC_KEYS = ("eval", "K_f", "K_up", "K_hf", "layer_bounds", "lower_bound", "tightness", "params")
 RUN_ARGS = ["run", "--method", "cll", "--arch", "moons-mlp", "--dataset", "moons", "--epochs", "60", "--quiet",
             "--set", "n_train=500", "--set", "n_test=1000", "--set", "lower_bound_pairs=200",
-            "--set", "lower_bound_steps=50", "--set", "threads=1", "--set", "eval_every=7"]
+            "--set", "lower_bound_steps=50", "--set", "threads=1", "--set", "eval_every=7",
+            "--set", "checkpoint_every=3"]
 
 
 def bench_proc(args, **kw):
@@ -52,6 +53,7 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
         if metrics and len(store.read_metrics(metrics[0].parent)) >= kill_after:
             break
         time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.05))  # land anywhere between two checkpoints
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     folder = only_run(killed)
@@ -68,6 +70,7 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
         assert a[key] == b[key], key
         print(f"  {key}: uninterrupted {a[key]!r} == resumed {b[key]!r}")
     assert a["resumed_at_epochs"] == [] and len(b["resumed_at_epochs"]) == 1
+    assert b["resumed_at_epochs"][0] % 3 == 0  # from the last checkpoint
     drop = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
     assert drop(store.read_metrics(only_run(ref))) == drop(store.read_metrics(folder))
 
