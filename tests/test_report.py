@@ -240,7 +240,7 @@ def test_vs_paper_marks_short_runs_loudly(tmp_path, capsys):
     assert out.count("SHORT RUNS") == 2                          # the banner, above and below the table
     assert "⚠ SHORT (30/1000 ep): not a reproduction" in out
     assert "full protocol" not in out
-    assert "-40.0" in out                                        # 50.0 measured − 90 printed
+    assert "−40.0" in out                                        # 50.0 measured − 90 printed
 
 
 def test_malformed_paper_block_is_one_line_error(tmp_path, capsys):

@@ -245,8 +245,8 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
             measured, delta, n, run = "not run", "", "0", ""
         else:
             measured = _fmt(m, r["mean"]) + (f" ± {_fmt(m, r['std'])}" if not pd.isna(r["std"]) else "")
-            delta = "" if pd.isna(r["mean"]) else f"{r['mean'] - r['paper']:+.1f}" if tables.is_percent(m) \
-                else f"{r['mean'] - r['paper']:+.2f}"
+            delta = "" if pd.isna(r["mean"]) else (f"{r['mean'] - r['paper']:+.1f}" if tables.is_percent(m)
+                                                    else f"{r['mean'] - r['paper']:+.2f}").replace("-", "−")
             n = tables.n_label({"n": r["n_runs"], "seeds_expected": r["seeds_expected"], "diverged": r["diverged"]})
             run = f"⚠ SHORT ({r['short']}): not a reproduction" if r["short"] else "full protocol"
         rows.append({"Method": r["Method"], "Arch": r["Arch"], "Setting": r["Setting"], "Split": r["Split"],

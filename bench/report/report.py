@@ -374,8 +374,10 @@ def write_report(suite: dict, cfgs: Sequence[dict], results: Path, figures: bool
              "table_per_seed.tex": "\n\n".join(seed_tex) + "\n"}
 
     # paper vs measured
-    cells = paper.parse_paper(suite)
-    vs = paper.vs_paper_frame(runs, cells, seeds_expected, include_missing=True)
+    own = bool(suite.get("paper"))
+    cells = paper.cells_for(suite)           # a suite without a `paper:` block borrows the other suites' numbers
+    vs = paper.vs_paper_frame(runs, cells, seeds_expected, include_missing=own)
+    cells = cells if own or not vs.empty else []
     if cells:
         files["paper_vs_measured.md"] = paper.render(vs, "md") + "\n"
         files["paper_vs_measured.tex"] = paper.render(vs, "tex") + "\n"
