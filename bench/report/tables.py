@@ -544,8 +544,13 @@ def table_for_folder(results: Path, suite_name: Optional[str] = None, fmt: str =
 
 
 def default_splits(runs) -> Sequence[str]:
+    """moons: train (as the paper's figures) and test; otherwise test, then the named test subsets the runs
+    evaluated (e.g. test_lossless, the 1,000 lossless images of the offline CIFAR-10 file)."""
     datasets = {r["dataset"] for r, _ in runs}
-    return ("train", "test") if datasets == {"moons"} else ("test",)
+    if datasets == {"moons"}:
+        return ("train", "test")
+    subsets = sorted({s for r, _ in runs for s in (r.get("eval") or {}) if s.startswith("test_")})
+    return ("test", *subsets)
 
 
 _default_splits = default_splits
