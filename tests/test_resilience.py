@@ -226,7 +226,7 @@ def test_slurm_dry_run_prints_the_array_and_submits_nothing(tmp_path):
     out, err = proc.communicate(timeout=120)
     print(out)
     assert proc.returncode == 0, err
-    assert "24 to submit" in out and "--partition=gpu" in out and "--array=0-23%16" in out
+    assert "0 running, 24 to submit" in out and "--partition=gpu" in out and "--array=0-23%16" in out
     assert not any(tmp_path.iterdir())
 
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import submitit
 
 from bench.launch.local import execute, partition, run_label
-from bench.store import run_dir
+from bench.store import is_running, run_dir
 
 
 def parse_time(text: str) -> int:
@@ -63,12 +63,14 @@ def submit(cfgs: List[Dict[str, object]], results: str, suite_name: str, partiti
            gpus_per_task: int = 1, cpus_per_task: int = 8, mem_gb: int = 32) -> List:
     """Submit one job array of the unfinished runs; with dry_run, print it instead. Returns the jobs."""
     todo, done = partition(cfgs, results, force)
+    running = [c for c in todo if is_running(run_dir(results, c))]  # held by a live process: leave them be
+    todo = [c for c in todo if c not in running]
     log_folder = Path(results) / "_slurm" / suite_name / "%j"
     params = {"partition": partition_name, "time": time_limit, "timeout_min": parse_time(time_limit),
               "array": f"0-{len(todo) - 1}%{max_parallel}" if todo else "-", "gpus_per_task": gpus_per_task,
               "cpus_per_task": cpus_per_task, "mem_gb": mem_gb, "logs": str(log_folder)}
     if dry_run or not todo:
-        print(f"suite {suite_name}: {len(done)} finished, {len(todo)} to submit"
+        print(f"suite {suite_name}: {len(done)} finished, {len(running)} running, {len(todo)} to submit"
               + (" (dry run: nothing submitted)" if dry_run else ""))
         if todo:
             print("sbatch " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in params.items()
