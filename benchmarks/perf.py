@@ -7,11 +7,13 @@
    the full 50,000 images (the convergence, timed on its own, is counted once).
 3. Augmentation throughput in images/s: the batched on-device pipeline against torchvision's per-image
    transforms (the official configs' PIL pipeline, and torchvision.transforms.v2 on tensors) on the same
-   images, in one process.
+   images, per image as one DataLoader worker runs them (one process, one thread).
 
     bench perf [--device cuda] [--batch 128] [--steps 20] [--data-root DIR] [--epoch-subset N] [--skip-epoch]
 
-Runnable as `python benchmarks/perf.py ...` too.
+Runnable as `python benchmarks/perf.py ...` too. On a CPU shared with other work (load above the core
+count) pass `--threads 1`: the power iteration's batch-1 convolutions otherwise wait at every thread barrier
+for a descheduled thread, which inflates the CLL step and the convergence many times over.
 """
 from __future__ import annotations
 
@@ -56,8 +58,7 @@ def _images(data_root: Optional[str], n: int, seed: int = 0):
 
 
 def step_times(arch: str, batch: int, steps: int, device: torch.device, data_root: Optional[str]) -> Dict:
-    """Median seconds per CLL step and per plain CE step, interleaved in blocks so that load drift on a
-    shared machine hits both alike."""
+    """Median seconds per CLL step and per plain CE step of the same net, batch and optimizer."""
     import methods  # noqa: F401  (registers the methods)
     from bench.config import resolve
     from bench.optim import make_optimizer
@@ -89,10 +90,9 @@ def step_times(arch: str, batch: int, steps: int, device: torch.device, data_roo
         cll_step()
         ce_step()
     times: Dict[str, List[float]] = {"cll": [], "ce": []}
-    block = max(1, steps // 4)
-    while len(times["cll"]) < steps:
+    for _ in range(steps):  # alternating, so that load drift on a shared machine hits both alike
         for name, fn in (("ce", ce_step), ("cll", cll_step)):
-            times[name] += [_timed(fn, device) for _ in range(block)]
+            times[name].append(_timed(fn, device))
     t0 = time.perf_counter()
     model.converge(tol=float(cfg["converge_tol"]))
     converge = time.perf_counter() - t0
@@ -165,6 +165,9 @@ def augment_throughput(device: torch.device, data_root: Optional[str], n_batched
     reps = [_timed(lambda: aug(xb, gen), device) for _ in range(3)]
     batched = n_batched / statistics.median(reps)
 
+    # per-image pipelines run in DataLoader workers, one thread each: measured the same way
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     official = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(.25, .25, .25),
                           T.RandomRotation(2), T.ToTensor()])
     pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x8[:n_per_image]]
@@ -180,6 +183,7 @@ def augment_throughput(device: torch.device, data_root: Optional[str], n_batched
     for img in xf:
         tensor_v2(img)
     per_image_v2 = n_per_image / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     return {"batched": batched, "pil": per_image_pil, "v2": per_image_v2, "source": source,
             "n_batched": n_batched, "n_per_image": n_per_image}
 
@@ -233,9 +237,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += [
         _row(["augmentation, batched on device", f"{au['batched']:,.0f} img/s", f"{au['n_batched']} images at once"]),
         _row(["augmentation, torchvision per image (PIL, official)", f"{au['pil']:,.0f} img/s",
-              "one process, no loader workers"]),
+              "one worker process, 1 thread"]),
         _row(["augmentation, torchvision.transforms.v2 per image (tensor)", f"{au['v2']:,.0f} img/s",
-              "one process"]),
+              "one worker process, 1 thread"]),
         _row(["batched / PIL per image", f"{au['batched'] / au['pil']:.1f}×", f"images: {au['source']}"]),
     ]
     print("\n".join(lines[-4:]), flush=True)
