@@ -55,6 +55,7 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "chance_patience": 10,        # epochs at chance accuracy before a run is stopped as diverged (0: off)
     "chance_margin": 0.02,        # "at chance" means accuracy ≤ 1/N + margin·(1 − 1/N)
     "chance_min_steps": 1000,     # ... and the streak must also span this many optimizer steps
+    "chance_min_fraction": 0.25,  # ... and this fraction of the run's steps
     # execution only: not part of the config hash
     "device": "auto",
     "threads": None,

@@ -31,6 +31,10 @@ __version__ = "0.1.0"
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss or collapsed to chance (the run is recorded as `diverged`)."""
 
+    def __init__(self, reason: str, train_seconds: Optional[float] = None):
+        super().__init__(reason)
+        self.train_seconds = train_seconds
+
 
 class ChanceWatchdog:
     """Flags a run whose training accuracy stays at chance, ≤ 1/N + margin·(1 − 1/N), for `patience`
@@ -38,7 +42,8 @@ class ChanceWatchdog:
     a collapse). Collapsed runs otherwise end up in published tables at 10% on CIFAR-10."""
 
     def __init__(self, num_classes: int, patience: int, margin: float, min_steps: int):
-        self.patience, self.min_steps = patience, min_steps
+        self.patience, self.min_steps = patience, min_steps  # min_steps: the larger of the step floor and a
+        # fraction of the run (GloRo at large ε sits at chance for ~100 of 1,000 moons epochs, then recovers)
         self.threshold = 1.0 / num_classes + margin * (1.0 - 1.0 / num_classes)
         self.epochs = self.steps = 0
 
@@ -189,7 +194,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
         rows = store.read_metrics(folder)[:start_epoch]
     model.train()
     watchdog = ChanceWatchdog(data.num_classes, int(cfg["chance_patience"]), float(cfg["chance_margin"]),
-                              int(cfg["chance_min_steps"]))
+                              max(int(cfg["chance_min_steps"]), int(float(cfg["chance_min_fraction"]) * total_steps)))
     for row in rows:
         watchdog.update(float(row.get("train_acc", 1.0)), steps_per_epoch)
     for epoch in range(start_epoch, epochs):
@@ -211,14 +216,15 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             correct += (logits.detach().argmax(1) == yb).sum()
             # a host sync every `sync_every` steps (and at epoch end) instead of one per step
             if (step + 1) % sync_every == 0 and not torch.isfinite(loss_sum):
-                raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}")
+                raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}",
+                                    train_seconds + time.perf_counter() - t0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
         if not torch.isfinite(loss_sum):
-            raise DivergedError(f"non-finite loss at epoch {epoch + 1}")
+            raise DivergedError(f"non-finite loss at epoch {epoch + 1}", train_seconds + time.perf_counter() - t0)
         model.converge(tol=float(cfg["converge_tol"]))
         train_seconds += time.perf_counter() - t0
         train_acc = float(correct) / max(1, steps_per_epoch * bs if cfg["drop_last"] else n)
@@ -243,7 +249,8 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             on_epoch(epoch + 1, epochs, row)
         if watchdog.update(train_acc, steps_per_epoch):
             raise DivergedError(f"training accuracy at chance ({train_acc:.3f} ≤ {watchdog.threshold:.3f}) for "
-                                f"{watchdog.epochs} epochs ({watchdog.steps} steps), up to epoch {epoch + 1}")
+                                f"{watchdog.epochs} epochs ({watchdog.steps} steps), up to epoch {epoch + 1}",
+                                train_seconds)
 
     return finish_run(cfg, folder, model, method, data, train_seconds, device, resumed_at)
 

@@ -114,7 +114,7 @@ def test_nan_loss_stops_the_run_as_diverged(tmp_path):
 
 def test_accuracy_stuck_at_chance_stops_the_run(tmp_path):
     _, result = execute(_tiny("test-random-labels", chance_patience=3, chance_margin=0.2,
-                                 chance_min_steps=12, lr=1e-2), str(tmp_path))
+                                 chance_min_steps=12, chance_min_fraction=0.0, lr=1e-2), str(tmp_path))
     assert result["status"] == "diverged" and "chance" in result["reason"]
     rows = store.read_metrics(only_run(tmp_path))
     assert len(rows) < 30 and all(float(r["train_acc"]) <= 0.6 for r in rows[-3:])

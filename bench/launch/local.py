@@ -43,7 +43,7 @@ def execute(cfg: Dict[str, object], results: str, on_epoch=None) -> Tuple[str, O
         try:
             return "trained", train_run(cfg, folder, on_epoch=on_epoch)
         except DivergedError as e:
-            return "trained", store.write_diverged(folder, cfg, str(e))
+            return "trained", store.write_diverged(folder, cfg, str(e), e.train_seconds)
     finally:
         lock.release()
 
