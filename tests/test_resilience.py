@@ -247,7 +247,7 @@ def test_submitit_array_trains_and_a_preempted_task_resumes(tmp_path):
     (job,) = executor.map_array(RunTask(str(results)), [long_cfg])
     folder = store.run_dir(results, long_cfg)
     deadline = time.time() + 400
-    while time.time() < deadline and len(store.read_metrics(folder)) < 5:
+    while time.time() < deadline and not (folder / store.CHECKPOINT).exists():
         time.sleep(0.02)
     # Pre-empt the task the way Slurm does: SIGUSR2 to the task process (the local executor's controller, whose
     # pid the job holds, runs it as a child and requeues it when it exits with submitit's requeue code).
@@ -256,7 +256,7 @@ def test_submitit_array_trains_and_a_preempted_task_resumes(tmp_path):
     os.kill(task_pid, signal.SIGUSR2)
     result = job.result()
     assert result["status"] == "complete" and len(result["resumed_at_epochs"]) == 1
-    assert 5 <= result["resumed_at_epochs"][0] < 1500
+    assert 25 <= result["resumed_at_epochs"][0] < 1500  # moons checkpoints every 25 epochs
     assert len(store.read_metrics(folder)) == 1500
 
 
