@@ -12,6 +12,7 @@ ahead: its peak comes an epoch early and its last epoch runs at lr 0. lipbench e
 """
 from __future__ import annotations
 
+import math
 from typing import List, Mapping
 
 import numpy as np
@@ -19,10 +20,11 @@ import torch
 
 
 def lr_milestones(cfg: Mapping[str, object], steps_per_epoch: int) -> List[int]:
-    """Milestones in iterations, scaled to the run's length."""
+    """Milestones in iterations, scaled to the run's length (to whole epochs, halves rounded up: Python's
+    round-half-even would put 100 of 200 at epoch 0 of a 1-epoch run and decay the lr before the first step)."""
     epochs = int(cfg["epochs"])
     protocol = int(cfg.get("protocol_epochs") or epochs)
-    return [int(round(m * epochs / protocol)) * steps_per_epoch for m in cfg["lr_milestones"]]
+    return [int(math.floor(m * epochs / protocol + 0.5)) * steps_per_epoch for m in cfg["lr_milestones"]]
 
 
 def make_optimizer(cfg: Mapping[str, object], model: torch.nn.Module) -> torch.optim.Optimizer:
