@@ -48,7 +48,8 @@ from bench import certify
 from bench.method import Method
 from bench.nn.bound import LipschitzNet, NormalizedLinear
 from bench.nn.lipschitz import PowerIterated, UnconvergedBoundError
-from bench.registry import register_arch, register_method
+from bench.nn.archs import register_spec_arch
+from bench.registry import register_method
 
 
 def _normalize(a: torch.Tensor) -> torch.Tensor:
@@ -270,12 +271,7 @@ def build_cpl(input_shape, num_classes, normalize=None, **spec) -> CPLNet:
 
 
 def _register_cpl(name: str, **spec):
-    def factory(input_shape, num_classes, normalize=None):
-        return build_cpl(input_shape, num_classes, normalize, **spec)
-    factory.__doc__ = f"CPL network {name}: {spec}"
-    factory.spec = dict(spec)
-    factory.family = "cpl"  # protocols may be keyed "<dataset>@cpl"
-    register_arch(name)(factory)
+    register_spec_arch(name, build_cpl, f"CPL network {name}: {spec}", family="cpl", **spec)
 
 
 for _size, (_d, _c, _dl, _nf) in CPL_SIZES.items():

@@ -48,7 +48,8 @@ from bench import certify
 from bench.method import Method
 from bench.nn.bound import LipschitzNet, NormalizedLinear
 from bench.nn.lipschitz import PowerIterated, UnconvergedBoundError
-from bench.registry import register_arch, register_method
+from bench.nn.archs import register_spec_arch
+from bench.registry import register_method
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 SOC_STD = (0.2507, 0.2507, 0.2507)  # the official `cifar10_std`, used for CIFAR-10, CIFAR-100 and Tiny-ImageNet
@@ -424,12 +425,8 @@ def build_lipconv(input_shape, num_classes, normalize=None, **spec) -> LipConvNe
 
 
 def _register_lipconv(name: str, **spec):
-    def factory(input_shape, num_classes, normalize=None):
-        return build_lipconv(input_shape, num_classes, normalize, **spec)
-    factory.__doc__ = f"LipConvNet-{5 * spec['block_size']} (SOC), {spec}"
-    factory.spec = dict(spec)
-    factory.family = "lipconv"  # protocols may be keyed "<dataset>@lipconv"
-    register_arch(name)(factory)
+    register_spec_arch(name, build_lipconv, f"LipConvNet-{5 * spec['block_size']} (SOC), {spec}",
+                       family="lipconv", **spec)
 
 
 _HEADS = {"": "soc", "-lln": "lln", "-linear": "linear"}

@@ -54,6 +54,18 @@ def build_plain(spec: Sequence[tuple], input_shape: Sequence[int], num_classes: 
     return LipschitzNet(nn.Sequential(*layers), classifier, input_shape, num_classes, normalize=normalize)
 
 
+def register_spec_arch(name: str, builder, doc: str, family: Optional[str] = None, **spec):
+    """Register `builder(input_shape, num_classes, normalize, **spec)` as architecture `name`. The factory keeps
+    its `spec` and `family` (method recipes may be keyed "<dataset>@<family>", e.g. "cifar10@lipconv")."""
+    def factory(input_shape, num_classes, normalize=None):
+        return builder(input_shape, num_classes, normalize, **spec)
+    factory.__doc__ = doc
+    factory.spec = dict(spec)
+    factory.family = family
+    register_arch(name)(factory)
+    return factory
+
+
 def _plain_arch(name: str, spec: Sequence[tuple], doc: str):
     def factory(input_shape, num_classes, normalize=None):
         return build_plain(spec, input_shape, num_classes, normalize)
