@@ -279,8 +279,8 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
     lb_pairs, lb_steps = lower_bound_budget(cfg)
     lb_pairs = min(lb_pairs, len(data.y_train) // 2)  # as many pairs as the training pool holds
     if lb_pairs > 0 and lb_steps >= 0:
-        x_pool = data.inputs(data.x_train)
-        lobo = certify.lower_bound(model, x_pool, lb_pairs, lb_steps, float(cfg["lower_bound_lr"]), data.domain, gen)
+        lobo = certify.lower_bound(model, data.x_train, lb_pairs, lb_steps, float(cfg["lower_bound_lr"]), data.domain,
+                                   gen, to_input=data.inputs)
     result = {
         "method": cfg["method"], "arch": cfg["arch"], "dataset": cfg["dataset"], "seed": int(cfg["seed"]),
         "config_hash": store.config_hash(cfg), "status": "complete", "epochs": int(cfg["epochs"]),
