@@ -9,30 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from bench.nn.lipschitz import UnconvergedBoundError
+from bench.nn.verify import adversarial_steps, autograd_jacobians
 from bench.optim import make_lr_scheduler, triangular_factor
 from methods import cpl
+from tests import official
 from tests.conftest import fixture, t64
-from tests.test_soc import blow_up  # 10 Adam steps maximising ‖y‖
 
-CASES = [("cpl_conv_c6_inner10_hw8", "kernel"), ("cpl_linear_c24_inner40", "weights")]
-
-
-def official_layer(case):
-    z = fixture(case)
-    if "conv" in case:
-        layer, name = cpl.ConvexPotentialConv(6, 10).double(), "kernel"
-    else:
-        layer, name = cpl.ConvexPotentialLinear(24, 40).double(), "weights"
-    with torch.no_grad():
-        getattr(layer, name).copy_(t64(z[name]))
-        layer.bias.copy_(t64(z["bias"]))
-    layer.power_iterate = t64(z["pm_u_init"]).clone()
-    return layer, z
-
-
-@pytest.mark.parametrize("case,_", CASES)
-def test_conformance_with_official_cpl(case, _):
-    layer, z = official_layer(case)
+@pytest.mark.parametrize("case", sorted(official.CPL_CASES))
+def test_conformance_with_official_cpl(case):
+    fixture(case)  # skips when ../shared/fixtures is absent
+    layer, z = official.cpl_layer(case)
     x = t64(z["x"])
     train = copy.deepcopy(layer).train()
     with torch.no_grad():  # one power step from the stored iterate, h from that σ
@@ -51,17 +37,8 @@ def test_conformance_with_official_cpl(case, _):
     assert exact <= layer.weight_norm_bound <= exact * (1 + 1e-4)
 
 
-def jacobians(layer, x):
-    """Exact per-sample Jacobians of the (nonlinear) layer by autograd, [B, n, n]."""
-    out = []
-    for xi in x:
-        J = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], xi)
-        out.append(J.reshape(xi.numel(), xi.numel()))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_cpl_exact_jacobian_before_and_after_blow_up(kind):
+def test_cpl_exact_jacobian_before_and_after_adversarial_steps(kind):
     torch.manual_seed(11)
     if kind == "conv":
         layer, x = cpl.ConvexPotentialConv(3, 5).double(), torch.randn(4, 3, 5, 5, dtype=torch.float64)
@@ -71,7 +48,7 @@ def test_cpl_exact_jacobian_before_and_after_blow_up(kind):
         layer.eval()
         layer(x[:1])
         bound = layer.converge()
-        J = jacobians(layer, x)
+        J = autograd_jacobians(layer, x)
         assert torch.allclose(J, J.transpose(1, 2), atol=1e-12), phase     # I − h WᵀDW is symmetric
         eig = torch.linalg.eigvalsh(J)
         assert float(eig.min()) >= -1 - 1e-6, phase                          # convex potential: in [−1, 1]
@@ -79,7 +56,7 @@ def test_cpl_exact_jacobian_before_and_after_blow_up(kind):
         assert float(torch.linalg.matrix_norm(J, 2).max()) <= 1 + 1e-6, phase
         # 1 unless σ̄'s safety margin (the engine's 1e-5) exceeds the slack ε/σ² of h: then 1 + O(1e-5)
         assert float(torch.linalg.matrix_norm(J, 2).max()) <= bound + 1e-12 and bound <= 1 + 1e-4, phase
-        blow_up(layer, x)
+        adversarial_steps(layer, x)
 
 
 def test_under_estimated_sigma_is_accounted_for():
@@ -94,7 +71,7 @@ def test_under_estimated_sigma_is_accounted_for():
     with torch.no_grad():
         layer.eval_sv_max.fill_(0.7 * exact)  # what one training-time power step can give (peer-methods §3)
     h = 2.0 / ((0.7 * exact) ** 2 + layer.epsilon)
-    worst = max(float(torch.linalg.matrix_norm(J, 2)) for J in jacobians(layer, x))
+    worst = max(float(torch.linalg.matrix_norm(J, 2)) for J in autograd_jacobians(layer, x))
     assert worst > 1.05                         # the layer is no longer 1-Lipschitz ...
     assert worst <= h * exact ** 2 - 1 + 1e-9   # ... and the formula bounds it
     with pytest.raises(UnconvergedBoundError):  # the certificate refuses a σ it did not converge

@@ -9,71 +9,35 @@ import torch.nn.functional as F
 
 from bench.nn.bound import LipschitzNet, NormalizedLinear, PairwiseBound
 from bench.nn.lipschitz import UnconvergedBoundError
+from bench.nn.verify import adversarial_steps, impulse_jacobian
 from methods import soc
+from tests import official
 from tests.conftest import fixture, t64
 
-SOC_CASES = [("soc_c16_k3_s1", 16, 16, 3, 1), ("soc_c8to16_k3_s1", 8, 16, 3, 1),
-             ("soc_c8to16_k3_s2", 8, 16, 3, 2), ("soc_c16to10_k1_s1", 16, 10, 1, 1)]
-
-
-def load_official(layer, z, before=False):
-    with torch.no_grad():
-        layer.random_conv_filter.copy_(t64(z["random_conv_filter"]))
-        layer.bias.copy_(t64(z["bias"]))
-        layer.correction.copy_(t64(z["correction"]))
-        for i in range(1, 5):
-            for side in "uv":
-                getattr(layer, f"{side}{i}").copy_(t64(z[f"{side}{i}_before" if before else f"{side}{i}"]))
-
-
-@pytest.mark.parametrize("case,cin,cout,k,s", SOC_CASES)
-def test_conformance_with_official_soc(case, cin, cout, k, s):
-    z = fixture(case)
-    layer = soc.SkewOrthogonalConv(cin, cout, kernel_size=k, stride=s).double().eval()
-    load_official(layer, z)
+@pytest.mark.parametrize("case", sorted(official.SOC_CASES))
+def test_conformance_with_official_soc(case):
+    fixture(case)  # skips when ../shared/fixtures is absent
+    layer, z = official.soc_layer(case)
+    layer.eval()
     x = t64(z["x"])
     with torch.no_grad():
         np.testing.assert_allclose(layer(x).numpy(), z["y_eval"], rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(float(layer.sigma(layer.skew_filter())), float(z["sigma"]), rtol=1e-12)
     # the training forward from the construction-time iterates: 50 σ updates, then 5 terms. The official
     # l2_normalize takes the norm in float32 (fixtures README), so this matches to ~1e-7 only.
-    fresh = soc.SkewOrthogonalConv(cin, cout, kernel_size=k, stride=s).double().train()
-    load_official(fresh, z, before=True)
+    fresh, _ = official.soc_layer(case, before=True)
+    fresh.train()
     with torch.no_grad():
         np.testing.assert_allclose(fresh(x).numpy(), z["y_train"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fresh.u1.numpy(), z["u1"], atol=1e-6)
     assert int(fresh.total_iters) == int(z["total_iters"])
 
 
-def impulse_jacobian(fn, in_shape):
-    """The Jacobian of a map linear in x, from its impulse responses (float64), [out, in]."""
-    n = int(np.prod(in_shape))
-    basis = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
-    with torch.no_grad():
-        return fn(basis).reshape(n, -1).T
-
-
-def blow_up(module, x, steps=10, lr=0.05):
-    """10 Adam steps in training mode that maximise ‖y‖ (plus a fixed random direction, so that norm-preserving
-    maps still move their parameters)."""
-    g = torch.Generator().manual_seed(1)
-    module.train()
-    r = torch.randn(module(x).shape, generator=g, dtype=x.dtype)
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
-    for _ in range(steps):
-        y = module(x)
-        loss = -(y.norm() + (r * y).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    module.eval()
-
-
 JAC_CASES = [(4, 8, 3, 1, 6), (4, 8, 3, 2, 6), (8, 6, 1, 1, 3)]  # cin, cout, k, stride, H: pad, s2d+truncate, 1×1
 
 
 @pytest.mark.parametrize("cin,cout,k,s,hw", JAC_CASES)
-def test_soc_exact_jacobian_before_and_after_blow_up(cin, cout, k, s, hw):
+def test_soc_exact_jacobian_before_and_after_adversarial_steps(cin, cout, k, s, hw):
     torch.manual_seed(cin * 10 + s)
     layer = soc.SkewOrthogonalConv(cin, cout, kernel_size=k, stride=s).double()
     shape = (cin, hw, hw)
@@ -99,7 +63,7 @@ def test_soc_exact_jacobian_before_and_after_blow_up(cin, cout, k, s, hw):
         # train mode (5 terms): only near-orthogonal; the bound the certificate method gives for it holds
         J5 = impulse_jacobian(lambda b: layer.linear_map(b, A_n, layer.train_terms), shape)
         assert float(torch.linalg.matrix_norm(J5, 2)) <= layer.truncation_bound(layer.train_terms), phase
-        blow_up(layer, x)
+        adversarial_steps(layer, x)
 
 
 def test_fresh_model_certifies_without_a_training_step():
@@ -153,6 +117,30 @@ def test_truncation_bound_covers_a_badly_scaled_filter():
         impulse_jacobian(lambda b: F.conv2d(b, A_n, padding=1), shape), 2))
 
 
+@pytest.mark.parametrize("cin,cout,k,hw,seed", [(4, 4, 3, 5, 0), (6, 3, 3, 4, 1), (3, 6, 5, 6, 2), (5, 5, 1, 3, 3)])
+def test_fantastic_four_bound_dominates_the_conv_norm(cin, cout, k, hw, seed):
+    """a = √(hw)·min_r ‖R_r‖ ≥ ‖conv(A_n)‖ for the zero-padded conv, also for unskewed, badly conditioned filters
+    (the proof does not use skew symmetry), and it is what σ's four estimates approach from below."""
+    torch.manual_seed(seed)
+    layer = soc.SkewOrthogonalConv(cin, cout, k).double().eval()
+    M = layer.max_channels
+    with torch.no_grad():  # a filter with one dominant spatial tap and a spread of channel scales
+        layer.random_conv_filter.mul_(torch.logspace(-1, 1, M, dtype=torch.float64).view(M, 1, 1, 1))
+        layer.random_conv_filter[:, :, k // 2, k // 2] *= 5
+    A_n = layer.scaled_filter().detach()
+    exact = float(torch.linalg.matrix_norm(
+        impulse_jacobian(lambda b: F.conv2d(b, A_n, padding=k // 2), (M, hw, hw)), 2))
+    a = layer.filter_norm_bound()
+    assert exact <= a
+    norms = [float(torch.linalg.matrix_norm(R, 2)) for R in layer.filter_reshapes(A_n).values()]
+    assert a == pytest.approx(k * min(norms) * (1 + layer.R_MARGIN), rel=1e-5)
+    for P in (torch.randn(M, M, k, k, dtype=torch.float64), torch.randn(M, M, k, k, dtype=torch.float64) ** 3):
+        R_min = min(float(torch.linalg.matrix_norm(R, 2)) for R in layer.filter_reshapes(P).values())
+        conv = float(torch.linalg.matrix_norm(impulse_jacobian(lambda b: F.conv2d(b, P, padding=k // 2),
+                                                               (M, hw, hw)), 2))
+        assert conv <= k * R_min * (1 + 1e-12)
+
+
 def test_taylor_tail():
     for a, K in [(0.5, 5), (2.1, 12), (3.0, 5), (1e-3, 12), (20.0, 12)]:
         expected = math.fsum(math.exp(i * math.log(a) - math.lgamma(i + 1)) for i in range(K + 1, K + 200))
@@ -179,7 +167,7 @@ def test_activation_jacobians_and_global_lipschitz(name):
             ratio = (act(a) - act(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
         assert float(ratio.max()) <= 1 + 1e-9, phase
         if any(True for _ in act.parameters()):
-            blow_up(act, x, lr=0.5)
+            adversarial_steps(act, x, lr=0.5)
 
 
 def test_hh1_at_init_is_minmax():
