@@ -197,6 +197,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
                               max(int(cfg["chance_min_steps"]), int(float(cfg["chance_min_fraction"]) * total_steps)))
     for row in rows:
         watchdog.update(float(row.get("train_acc", 1.0)), steps_per_epoch)
+    final_eval = None  # stays None when resuming a run whose last epoch was already checkpointed
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(device)
@@ -232,8 +233,14 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
                "lr": opt.param_groups[0]["lr"], "K_f": float(model.certified_bound().max(data.num_classes)),
                "train_seconds": round(train_seconds, 3)}
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-        if (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 == epochs:
+        if epoch + 1 == epochs:  # the final evaluation, once: its test split also fills the last metrics row
+            final_eval = evaluate(model, method, data, cfg)
+            ev = final_eval["test"]
+        elif (epoch + 1) % int(cfg["eval_every"]) == 0:
             ev = evaluate(model, method, data, cfg, splits=("test",))["test"]
+        else:
+            ev = None
+        if ev is not None:
             row["test_clean"] = ev["clean"]
             row.update({f"test_cra@{k}": v for k, v in ev["cra"].items()})
         rows.append(row)
@@ -252,7 +259,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
                                 f"{watchdog.epochs} epochs ({watchdog.steps} steps), up to epoch {epoch + 1}",
                                 train_seconds)
 
-    return finish_run(cfg, folder, model, method, data, train_seconds, device, resumed_at)
+    return finish_run(cfg, folder, model, method, data, train_seconds, device, resumed_at, final_eval)
 
 
 def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
@@ -270,8 +277,9 @@ def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
 
 
 def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device,
-               resumed_at=()) -> Dict[str, object]:
-    ev = evaluate(model, method, data, cfg)
+               resumed_at=(), ev: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """Evaluate (unless the last epoch already did, `ev`), bound from below, and write result.json."""
+    ev = evaluate(model, method, data, cfg) if ev is None else ev
     bound = model.certified_bound()
     K_f = float(bound.max(data.num_classes))
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)

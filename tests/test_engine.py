@@ -99,3 +99,21 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     b = train_run(cfg, tmp_path / "b")
     for key in ("K_f", "K_hf", "lower_bound", "eval"):
         assert a[key] == b[key]
+
+
+def test_last_epoch_is_evaluated_once(tmp_path, monkeypatch):
+    """The final evaluation fills the last metrics row and result.json: one certified pass per split, not two."""
+    import bench.train as train_module
+    calls = []
+    real = train_module.evaluate
+
+    def counting(model, method, data, cfg, splits=("test", "train")):
+        calls.append(tuple(splits))
+        return real(model, method, data, cfg, splits)
+    monkeypatch.setattr(train_module, "evaluate", counting)
+    cfg = resolve({"method": "cll", "arch": "moons-mlp", "dataset": "moons", "epochs": 4, "eval_every": 2,
+                   "n_train": 200, "n_test": 400, "lower_bound_pairs": 4, "lower_bound_steps": 2, "device": "cpu"})
+    result = train_run({**cfg, "seed": 1}, tmp_path)
+    assert calls == [("test",), ("test", "train")]
+    rows = store.read_metrics(tmp_path)
+    assert float(rows[-1]["test_clean"]) == result["eval"]["test"]["clean"]
