@@ -117,3 +117,21 @@ def test_last_epoch_is_evaluated_once(tmp_path, monkeypatch):
     assert calls == [("test",), ("test", "train")]
     rows = store.read_metrics(tmp_path)
     assert float(rows[-1]["test_clean"]) == result["eval"]["test"]["clean"]
+
+
+def test_schedules_and_reach_then_hold():
+    from bench.schedules import make_schedule
+    poly = make_schedule({"schedule": "poly", "start": 0.01, "end": 1.0, "power": 10})
+    assert poly(0.0) == pytest.approx(0.01) and poly(1.0) == 1.0 and poly(0.5) == pytest.approx(1 - 0.99 / 1024)
+    log = make_schedule({"schedule": "log", "start": 0.0, "end": 0.15})
+    assert log(0.0) == 0.0 and log(1.0) == pytest.approx(0.15) and log(0.5) > 0.075   # concave
+    half = make_schedule({"schedule": "log_half", "start": 0.0, "end": 0.15})
+    assert half(0.5) == pytest.approx(0.15) and half(0.25) == pytest.approx(log(0.5))
+    # Table B4's TRADES factor: linear 0.5 → 20, reached at epoch 400 of 800, then held
+    trades = make_schedule({"schedule": "linear", "start": 0.5, "end": 20.0, "until": 0.5})
+    assert [trades(t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.5, 10.25, 20.0, 20.0, 20.0]
+    assert make_schedule(3)(0.7) == 3.0
+    for bad in ({"schedule": "cosine"}, {"schedule": "linear", "start": 0, "end": 1, "until": 0},
+                {"schedule": "linear", "start": 0, "end": 1, "until": "half"}, {"schedule": "linear", "start": 0}):
+        with pytest.raises(ValueError):
+            make_schedule(bad)
