@@ -7,6 +7,7 @@ At the end: converged bounds, clean accuracy and CRA per ε, K(f), K(h∘f), low
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -93,7 +94,10 @@ def resolve_eps_names(cfg: Mapping[str, object]) -> Dict[str, float]:
     return names
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """The checkout's commit (+ "-dirty"), read once per process: the code a run trained with, even when the
+    checkout moves on while it trains."""
     here = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
@@ -158,6 +162,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
     """Train one run into `folder` (resuming from its checkpoint if there is one); returns result.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    git_commit()  # read now, while the checkout still holds the code this process loaded
     seed = int(cfg["seed"])
     seed_everything(seed)
     if cfg.get("threads"):
