@@ -51,6 +51,7 @@ from bench import certify
 from bench.method import Method
 from bench.nn.bound import LipschitzNet, NormalizedLinear
 from bench.nn.lipschitz import PowerIterated, UnconvergedBoundError
+from bench.nn.verify import impulse_jacobian
 from bench.nn.archs import register_spec_arch
 from bench.registry import register_method
 
@@ -209,6 +210,13 @@ class SkewOrthogonalConv(PowerIterated, nn.Module):
         z = self.series(y, transpose_filter(A_n), terms)
         z = z[:, :self.in_channels]
         return F.pixel_shuffle(z, self.stride) if self.stride > 1 else z
+
+    def matrix(self, in_shape: Sequence[int], terms: Optional[int] = None) -> torch.Tensor:
+        """The bias-free map at one input size as an explicit [out, in] float64 matrix (its impulse responses),
+        with `terms` Taylor terms (eval's by default): what exact checks of the layer's bound measure."""
+        A_n = self.scaled_filter(self.weight.detach().double()).detach()
+        return impulse_jacobian(lambda b: self.linear_map(b, A_n, self.eval_terms if terms is None else terms),
+                                in_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_iterate(x)

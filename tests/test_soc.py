@@ -46,8 +46,7 @@ def test_soc_exact_jacobian_before_and_after_adversarial_steps(cin, cout, k, s, 
         layer.eval()
         layer(x[:1])
         bound = layer.converge()
-        A_n = layer.scaled_filter().detach()
-        J = impulse_jacobian(lambda b: layer.linear_map(b, A_n, layer.eval_terms), shape)
+        J = layer.matrix(shape)
         # the bias only shifts: the eval layer is exactly x ↦ J x + b
         with torch.no_grad():
             np.testing.assert_allclose(layer(x).flatten(1).numpy(),
@@ -61,7 +60,7 @@ def test_soc_exact_jacobian_before_and_after_adversarial_steps(cin, cout, k, s, 
         if cout >= cin * s * s:
             assert float(sv[-1]) >= 1.0 - 1e-6, phase
         # train mode (5 terms): only near-orthogonal; the bound the certificate method gives for it holds
-        J5 = impulse_jacobian(lambda b: layer.linear_map(b, A_n, layer.train_terms), shape)
+        J5 = layer.matrix(shape, layer.train_terms)
         assert float(torch.linalg.matrix_norm(J5, 2)) <= layer.truncation_bound(layer.train_terms), phase
         adversarial_steps(layer, x)
 
@@ -110,8 +109,7 @@ def test_truncation_bound_covers_a_badly_scaled_filter():
     layer(torch.zeros(1, *shape, dtype=torch.float64))
     bound = layer.converge()
     A_n = layer.scaled_filter().detach()
-    J = impulse_jacobian(lambda b: layer.linear_map(b, A_n, layer.eval_terms), shape)
-    exact = float(torch.linalg.matrix_norm(J, 2))
+    exact = float(torch.linalg.matrix_norm(layer.matrix(shape), 2))
     assert exact > 1 + 1e-6 and exact <= bound
     assert layer.filter_norm_bound() >= float(torch.linalg.matrix_norm(
         impulse_jacobian(lambda b: F.conv2d(b, A_n, padding=1), shape), 2))
