@@ -105,44 +105,58 @@ def conformance_table() -> List[Tuple[str, str, float]]:
         x = t64(z["x"])
         with torch.no_grad():
             y = layer.eval()(x)
-        out.append((case, "y_eval (12 terms), max |Δ|", float(np.abs(y.numpy() - z["y_eval"]).max())))
+        out.append((case, "y_eval (12 terms), max abs. Δ", float(np.abs(y.numpy() - z["y_eval"]).max())))
         with torch.no_grad():
             sig = float(layer.sigma(layer.skew_filter()))
         out.append((case, "σ (min of 4), relative Δ", abs(sig - float(z["sigma"])) / abs(float(z["sigma"]))))
         fresh, _ = official.soc_layer(case, before=True)
         with torch.no_grad():
             y = fresh.train()(x)
-        out.append((case, "y_train (50 σ steps, 5 terms), max |Δ|", float(np.abs(y.numpy() - z["y_train"]).max())))
-        out.append((case, "u1 after the train forward, max |Δ|", float(np.abs(fresh.u1.numpy() - z["u1"]).max())))
+        out.append((case, "y_train (50 σ steps, 5 terms), max abs. Δ", float(np.abs(y.numpy() - z["y_train"]).max())))
+        out.append((case, "u1 after the train forward, max abs. Δ", float(np.abs(fresh.u1.numpy() - z["u1"]).max())))
     for case in sorted(official.CPL_CASES):
         layer, z = official.cpl_layer(case)
         x = t64(z["x"])
         trained = copy.deepcopy(layer)  # the official eval case starts from the stored iterate, not after a step
         with torch.no_grad():
             y = trained.train()(x)
-        out.append((case, "y_train (1 power step), max |Δ|", float(np.abs(y.numpy() - z["y_train_from_init"]).max())))
-        out.append((case, "pm.u after the train step, max |Δ|",
+        out.append((case, "y_train (1 power step), max abs. Δ", float(np.abs(y.numpy() - z["y_train_from_init"]).max())))
+        out.append((case, "pm.u after the train step, max abs. Δ",
                     float(np.abs(trained.power_iterate.numpy() - z["pm_u_after_train_step"]).max())))
         with torch.no_grad():
             y = layer.eval()(x)
         out.append((case, "eval_sv_max (100 steps), relative Δ",
                     abs(float(layer.eval_sv_max) - float(z["eval_sv_max"][0])) / float(z["eval_sv_max"][0])))
-        out.append((case, "y_eval, max |Δ|", float(np.abs(y.numpy() - z["y_eval"]).max())))
+        out.append((case, "y_eval, max abs. Δ", float(np.abs(y.numpy() - z["y_eval"]).max())))
         layer.converge()
         exact = float(z["exact_weight_spectral_norm"])
         out.append((case, "converged σ (ours) vs exact ‖W‖, relative Δ", abs(float(layer.eval_sv_max) - exact) / exact))
     return out
 
 
-def parameter_table() -> List[Tuple[str, int]]:
+#: what the sources say (reference/peer-methods.md §2–3, reference/cll-paper.md §4.2); "" where none gives one
+PUBLISHED_PARAMS = {
+    "lipconv-10": "20.9 M trainable (official LipConvNet-10; it also registers 117,771 σ-iterate values as "
+                  "frozen parameters, buffers here)",
+    "lipconv-20": "27.2 M trainable (official LipConvNet-20; 181,269 frozen σ-iterate values besides)",
+    "lipconv-20-linear": "",
+    "cpl-s": "41.4 M (reference notes: 20 conv × 45 ch, 7 × 2048; lipbench's cpl-s-lln has 41,371,426)",
+    "cpl-m": "", "cpl-l": "",
+    "cpl-xl": "472 M (the reference paper's fork, 70 conv × 120 ch); LBDN's XL (120 conv × 70 ch): 276 M; "
+              "the CLL paper's text: 'XL: 1.1B' (citing LBDN)",
+    "cpl-xl-linear": "",
+}
+
+
+def parameter_table() -> List[Tuple[str, int, str]]:
     from bench.registry import ARCHS
     rows = []
-    for arch in ("lipconv-10", "lipconv-20", "lipconv-10-lln", "cpl-s", "cpl-m", "cpl-l", "cpl-xl", "cpl-xl-linear"):
+    for arch, published in PUBLISHED_PARAMS.items():
         spec = ARCHS.get(arch).spec
         with torch.device("meta"):
             modules = (soc.lipconv_modules if arch.startswith("lipconv") else cpl.cpl_modules)(
                 (3, 32, 32), 10, **spec)
-        rows.append((arch, sum(p.numel() for m in modules[:2] for p in m.parameters())))
+        rows.append((arch, sum(p.numel() for m in modules[:2] for p in m.parameters()), published))
     return rows
 
 
@@ -163,10 +177,10 @@ def main(argv=None) -> None:
         for case, what, dev in conformance_table():
             print(f"| {case} | {what} | {dev:.2e} |")
     print("\n## Parameters (CIFAR-10, 32×32, 10 classes)\n")
-    print("| arch | parameters |")
-    print("|---|---|")
-    for arch, n in parameter_table():
-        print(f"| {arch} | {n:,} |")
+    print("| arch | parameters | sources |")
+    print("|---|---|---|")
+    for arch, n, published in parameter_table():
+        print(f"| {arch} | {n:,} | {published} |")
 
 
 if __name__ == "__main__":
