@@ -270,3 +270,10 @@ def test_suite_paper_blocks_parse_and_match_a_cell(name):
                 assert 0 <= v <= 100                              # as printed, in percent
     raw = yaml.safe_load((SUITES_DIR / f"{name}.yaml").read_text())
     assert len(cells) == len(raw.get("paper") or [])
+
+
+def test_setting_labels_write_the_fields_radii_as_fractions():
+    from bench.report.tables import _fmt_setting
+    assert [_fmt_setting(v) for v in (36 / 255, 108 / 255, 0.25, 0.15, 1.0, 51 / 255)] == \
+        ["36/255", "108/255", "0.25", "0.15", "1", "0.2"]
+    assert _fmt_setting({"schedule": "linear", "start": 0.5, "end": 20.0}) == "linear(0.5→20.0)"

@@ -102,6 +102,9 @@ def settings_by_hash(runs: Iterable[Tuple[dict, dict]], exclude: Sequence[str] =
 
 def _fmt_setting(v) -> str:
     if isinstance(v, float):
+        k = round(v * 255)
+        if k and abs(v * 255 - k) < 1e-9 and abs(v * 10 ** 4 - round(v * 10 ** 4)) > 1e-9:
+            return f"{k}/255"  # the field's radii (36/255 = 0.141176…), not a rounded decimal
         return f"{v:g}"
     if isinstance(v, dict) and v.get("schedule"):
         return f"{v['schedule']}({v.get('start', '')}→{v.get('end', '')})"
