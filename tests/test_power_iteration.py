@@ -70,7 +70,7 @@ def test_conv_trajectory_matches_official_where_shapes_agree():
     layer.power_iterate = t64(z["power_iterate_init"])
     ours, done = [], 0
     for n in z["trajectory_iterations"]:
-        ours.append(float(layer.train_bound(int(n) - done)))
+        ours.append(float(layer.train_bound(int(n) - done).detach()))
         done = int(n)
     np.testing.assert_allclose(ours, z["sigma_trajectory"], rtol=1e-8)
     assert z["exact_spectral_norm"] <= layer.converge() <= z["exact_spectral_norm"] * (1 + 1e-4)
