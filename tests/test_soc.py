@@ -178,14 +178,18 @@ def test_hh1_at_init_is_minmax():
 def test_lln_jacobian_and_pairwise_bound():
     torch.manual_seed(6)
     lln = NormalizedLinear(12, 5).double()
-    J = impulse_jacobian(lambda b: lln(b) - lln.bias, (12,))
-    W_hat = lln.weight / lln.weight.norm(dim=1, keepdim=True)
-    assert torch.allclose(J, W_hat.detach(), atol=1e-12)
-    bound = PairwiseBound(torch.tensor(3.0, dtype=torch.float64), lln.rows().detach())
-    K = bound.pairwise()
-    for i in range(5):
-        for j in range(5):  # the exact Lipschitz constant of z_i − z_j is ‖ŵ_i − ŵ_j‖, times the upstream 3
-            assert float(K[i, j]) == pytest.approx(3 * float(torch.linalg.vector_norm(J[i] - J[j])), rel=1e-12)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    for phase in ("init", "after 10 adversarial steps"):
+        J = impulse_jacobian(lambda b: lln(b) - lln.bias, (12,))
+        W_hat = lln.weight / lln.weight.norm(dim=1, keepdim=True)
+        assert torch.allclose(J, W_hat.detach(), atol=1e-12), phase
+        bound = PairwiseBound(torch.tensor(3.0, dtype=torch.float64), lln.rows().detach())
+        K = bound.pairwise()
+        for i in range(5):
+            for j in range(5):  # the exact Lipschitz constant of z_i − z_j is ‖ŵ_i − ŵ_j‖, times the upstream 3
+                exact = 3 * float(torch.linalg.vector_norm(J[i] - J[j]))
+                assert float(K[i, j]) == pytest.approx(exact, rel=1e-12), phase
+        adversarial_steps(lln, x, lr=0.5)
 
 
 def small_lipconv(head):
