@@ -229,9 +229,8 @@ def write_diverged(folder: Path, cfg: Mapping[str, object], reason: str,
     result = {"method": cfg["method"], "arch": cfg["arch"], "dataset": cfg["dataset"], "seed": int(cfg["seed"]),
               "config_hash": config_hash(cfg), "status": "diverged", "reason": reason, "epochs": int(cfg["epochs"]),
               "train_subset": cfg.get("train_subset"), "eval": {}, "K_f": None, "K_hf": None, "lower_bound": None,
-              "tightness": None,
-              "train_seconds": None if train_seconds is None else round(train_seconds, 3), "device": None, "torch": _torch.__version__,
-              "commit": git_commit()}
+              "tightness": None, "train_seconds": None if train_seconds is None else round(train_seconds, 3),
+              "device": None, "torch": _torch.__version__, "commit": git_commit()}
     write_config(Path(folder), cfg)
     return write_result(Path(folder), result)
 

@@ -294,11 +294,14 @@ class SkewOrthogonalConv(PowerIterated, nn.Module):
     @torch.no_grad()
     def filter_norm_bound(self, tol: float = 1e-6, max_iter: int = 20_000) -> float:
         """a ≥ ‖A_n‖ of the zero-padded conv at any input size: √(hw)·min_r ‖R_r‖₂ (fantastic four). Power
-        iterations on the four small matrices (at most M·k² columns) cost far less than one on the conv at its
+        iterations on the small reshape matrices (at most M·k² columns) cost far less than one on the conv at its
         input size or an exact decomposition (M = 2048)."""
         A = self.scaled_filter(self.weight.detach().double())
-        norms = [self._matrix_norm_bound(r, R, tol, max_iter) for r, R in self.filter_reshapes(A).items()]
-        return self.kernel_size * min(norms)
+        # A is skew (A[o,i,p,q] = −A[i,o,−p,−q]), so R₂ = −R₁ᵀ and R₄ = −R₃ᵀ up to permutations (equal norms),
+        # and a 1×1 filter's reshapes are all A itself: only the distinct norms are iterated.
+        distinct = (3,) if self.kernel_size == 1 else (1, 3)
+        reshapes = self.filter_reshapes(A)
+        return self.kernel_size * min(self._matrix_norm_bound(r, reshapes[r], tol, max_iter) for r in distinct)
 
     def truncation_bound(self, terms: Optional[int] = None) -> float:
         """1 + Σ_{i>K} aⁱ/i! ≥ ‖T_K(A_n)‖ (K = eval terms unless given)."""

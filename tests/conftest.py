@@ -10,6 +10,17 @@ def _one_thread():
     yield
 
 
+@pytest.fixture(scope="session")
+def real_cifar10():
+    """The real CIFAR-10 in ../shared/data, through the project's own loader (skips where it is absent)."""
+    from bench.registry import DATASETS
+
+    npz = SHARED / "data" / "cifar10.npz"
+    if not npz.is_file():
+        pytest.skip(f"real CIFAR-10 not found at {npz} (set LIPBENCH_SHARED)")
+    return DATASETS.get("cifar10")({"data_root": str(npz.parent)}, 1)
+
+
 def fixture(name: str) -> dict:
     """Load a conformance case from ../shared/fixtures (numbers from the official implementations)."""
     if not FIXTURES.exists():

@@ -13,9 +13,7 @@ from bench.data.base import DatasetNotFoundError
 from bench.data.root import DatasetFormatError
 from bench.nn.archs import build_plain
 from bench.registry import ARCHS, DATASETS, register_arch
-from tests.conftest import SHARED
 
-REAL_NPZ = SHARED / "data" / "cifar10.npz"
 TINY_ARCH = "test-conv32"  # a small conv net on 32×32 inputs for the end-to-end run (4C3F: test_image_certify)
 if TINY_ARCH not in ARCHS.names():
     register_arch(TINY_ARCH)(lambda shape, classes, normalize=None: build_plain(
@@ -103,13 +101,6 @@ def write_tiny_folder(root, wnids=("n02", "n01", "n03"), per_class=2, gray_one=T
 # ---------------------------------------------------------------------------------------------------------
 # the real CIFAR-10 archive
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def real_cifar10():
-    if not REAL_NPZ.is_file():
-        pytest.skip(f"real CIFAR-10 not found at {REAL_NPZ} (set LIPBENCH_SHARED)")
-    return DATASETS.get("cifar10")({"data_root": str(REAL_NPZ.parent)}, 1)
-
-
 def test_real_cifar10_npz(real_cifar10):
     b = real_cifar10
     assert b.x_train.shape == (50_000, 3, 32, 32) and b.x_train.dtype == torch.uint8

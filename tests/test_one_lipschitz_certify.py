@@ -14,7 +14,6 @@ from bench.data.base import DataBundle
 from bench.registry import ARCHS, DATASETS
 from bench.train import train_run
 from methods import cpl, soc
-from tests.conftest import SHARED
 
 SHAPE = (3, 32, 32)
 
@@ -44,20 +43,17 @@ PGD_CLASSES = (0, 6)
 
 
 @pytest.fixture(scope="module")
-def cifar_subset():
-    """256 training images and the first 40 lossless test images of PGD_CLASSES, from the real CIFAR-10 in
-    ../shared/data, through the project's own loader; labels keep their CIFAR indices (10 outputs)."""
-    npz = SHARED / "data" / "cifar10.npz"
-    if not npz.is_file():
-        pytest.skip(f"real CIFAR-10 not found at {npz} (set LIPBENCH_SHARED)")
-    data = DATASETS.get("cifar10")({"data_root": str(npz.parent)}, 1)
+def cifar_subset(real_cifar10):
+    """256 training images and the first 40 lossless test images of PGD_CLASSES from the real CIFAR-10;
+    labels keep their CIFAR indices (10 outputs)."""
+    data = real_cifar10
 
     def pick(x, y, n, allowed=None):
         keep = (y == PGD_CLASSES[0]) | (y == PGD_CLASSES[1])
         if allowed is not None:
             keep &= allowed
         idx = keep.nonzero()[:, 0][:n]
-        return data.inputs(x[idx]).float(), y[idx]
+        return data.inputs(x[idx]), y[idx]
     return pick(data.x_train, data.y_train, 256), pick(data.x_test, data.y_test, 40, data.test_subsets["lossless"])
 
 

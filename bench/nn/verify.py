@@ -6,6 +6,7 @@ it with the bound, before and after training steps chosen to break the layer (as
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -13,9 +14,7 @@ import torch
 
 def impulse_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int]) -> torch.Tensor:
     """The matrix [out, in] of a map linear in x, from its responses to the standard basis (float64)."""
-    n = 1
-    for d in in_shape:
-        n *= int(d)
+    n = math.prod(int(d) for d in in_shape)
     basis = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
     with torch.no_grad():
         return fn(basis).reshape(n, -1).T
