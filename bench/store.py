@@ -121,6 +121,18 @@ def load_checkpoint(path: Path, map_location="cpu") -> Dict[str, object]:
         raise CorruptRunError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def file_sha256(path: Path) -> Optional[str]:
+    """sha256 of a file's bytes (None when it does not exist): result.json pins the checkpoint it came from."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _payload_checksum(result: Mapping[str, object]) -> str:
     body = {k: v for k, v in result.items() if k != "checksum"}
     blob = json.dumps(body, sort_keys=True, default=_json_default, separators=(",", ":"))
@@ -184,7 +196,8 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.model.eval()
         self.model.converge(tol=float(self.config["converge_tol"]))
-        self.bound = self.model.certified_bound()
+        self.bound = self.model.certified_bound()         # guaranteed: the certificate
+        self.power = self.model.power_bound()             # converged power iteration (the paper's K)
 
     def data_bundle(self):
         if self._data is None:

@@ -13,10 +13,11 @@ forward (gradient through σ = ⟨W u, v⟩, as `SpectralNormPowerMethod`), and 
 computed with 100 steps when empty; a training forward empties it.
 
 **Certificate (sound).** A power-iterated σ can be below σ_max, and then the layer is max(1, h·σ_max² − 1)-
-Lipschitz. `converge()` iterates to convergence in float64 (the engine's power iteration, on the layer's real
-input shape instead of the official fixed 32×32), stores the Rayleigh value as `eval_sv_max` (the σ that eval
-uses), and certifies max(1, h·σ̄² − 1) with σ̄ the engine's inflated upper bound on σ_max: exactly 1 whenever
-σ̄² < σ² + ε, i.e. in practice always. The published rule takes every layer as 1: top1 − top2 > √2·ε·L
+Lipschitz. `converge()` runs the engine's block power iteration in float64 (on the layer's real input shape
+instead of the official fixed 32×32) and stores the Rayleigh value as `eval_sv_max` (the σ that eval uses), and
+certifies max(1, h·σ̄² − 1) with σ̄ ≥ ‖W‖ the guaranteed bound (bench/nn/spectral.py: the circular embedding
+for the conv, Gram iteration for the dense layer) and h inflated by 1e-6 for its float32 rounding: exactly 1
+whenever σ̄² < σ² + ε, i.e. when the guaranteed bound is within ε/(2σ²) of the power estimate. The published rule takes every layer as 1: top1 − top2 > √2·ε·L
 (truncation head) or min_j (z_top − z_j)/‖ŵ_top − ŵ_j‖ > ε·L (LLN), L = 1/min(std).
 
 **Loss.** The multi-class hinge F.multi_margin_loss(z, y, margin=m, p=1) = (1/N)·Σ_{i≠y} max(0, m − z_y + z_i),
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 from bench import certify
 from bench.method import Method
 from bench.nn.bound import LipschitzNet, NormalizedLinear
-from bench.nn.lipschitz import PowerIterated, UnconvergedBoundError
+from bench.nn.lipschitz import PowerIterated
+from bench.nn.spectral import conv_norm_bound, dense_norm_bound
 from bench.nn.archs import register_spec_arch
 from bench.registry import register_method
 
@@ -66,7 +68,6 @@ class ConvexPotential(PowerIterated, nn.Module):
         self.epsilon, self.train_iters, self.eval_iters = epsilon, train_iters, eval_iters
         self.register_buffer("eval_sv_max", torch.zeros(1))
         self._init_power_iteration()
-        self._sv_at_converge = None
 
     def official_sigma(self, n_iter: int) -> torch.Tensor:
         """`SpectralNormPowerMethod`: n steps v = normalize(W u), u ← normalize(Wᵀ v); σ = ⟨W u, v⟩. The new u
@@ -100,29 +101,22 @@ class ConvexPotential(PowerIterated, nn.Module):
         """1 by construction (the nominal constant CPL and CLL-on-CPL train with; no gradient)."""
         return torch.ones((), device=self.weight.device, dtype=self.weight.dtype)
 
-    @torch.no_grad()
-    def converge(self, tol: float = 1e-9, max_iter: int = 100_000, safety: float = 1e-5) -> float:
-        """Converged σ (float64) into `eval_sv_max`; the certified bound max(1, h·σ̄² − 1), σ̄ ≥ σ_max."""
-        if (self._bound_key == self._weight_key() and not torch.isnan(self.sigma_bound)
-                and float(self.eval_sv_max) == self._sv_at_converge):
-            return float(self.sigma_bound)
-        sigma_up = super().converge(tol=tol, max_iter=max_iter, safety=safety)
-        w = self.weight.detach().double()
-        rayleigh = float(torch.linalg.vector_norm(self.operator(self.power_iterate.double(), w)))
-        self.eval_sv_max.fill_(rayleigh)
-        self._sv_at_converge = sv = float(self.eval_sv_max)  # the value eval uses, in the buffer's dtype
-        h = 2.0 / (sv * sv + self.epsilon)
-        self.weight_norm_bound = sigma_up
-        bound = max(1.0, h * sigma_up * sigma_up - 1.0)
-        self.sigma_bound.fill_(bound)
-        return bound
+    def _bound_tensors(self):
+        # eval uses `eval_sv_max` for h: a training forward (which empties it) makes the bounds stale
+        return (self.weight, self.eval_sv_max)
 
-    def certified_bound(self) -> torch.Tensor:
-        bound = super().certified_bound()
-        if float(self.eval_sv_max) != self._sv_at_converge:
-            raise UnconvergedBoundError(f"{type(self).__name__}: eval_sv_max changed since converge(); "
-                                        "call converge() before certifying")
-        return bound
+    #: relative allowance between h computed here in float64 and the float32 h of the forward pass
+    H_ROUNDING = 1e-6
+
+    def layer_constants(self, norm_upper: float, norm_power: float):
+        """The converged Rayleigh σ becomes `eval_sv_max` (the σ eval uses, in the buffer's dtype); the layer is
+        then max(1, h·‖W‖² − 1)-Lipschitz with h = 2/(σ² + ε): guaranteed with ‖W‖ ≤ norm_upper, the power
+        column with norm_power (≈ 1 − ε·h/2... i.e. 1)."""
+        self.eval_sv_max.fill_(norm_power)
+        sv = float(self.eval_sv_max)
+        h = 2.0 / (sv * sv + self.epsilon) * (1.0 + self.H_ROUNDING)
+        self.weight_norm_bound = norm_upper
+        return max(1.0, h * norm_upper ** 2 - 1.0), max(1.0, h * norm_power ** 2 - 1.0)
 
 
 class ConvexPotentialConv(ConvexPotential):
@@ -153,6 +147,9 @@ class ConvexPotentialConv(ConvexPotential):
     def operator(self, v, weight):
         return F.conv2d(v, weight, padding=1)
 
+    def operator_norm_bound(self) -> float:
+        return conv_norm_bound(self.weight, self.operator_input_shape[-2:], 1, 1)
+
     def adjoint(self, u, weight):  # exact for stride 1 and 'same' padding at any size
         return F.conv_transpose2d(u, weight, padding=1)
 
@@ -182,6 +179,9 @@ class ConvexPotentialLinear(ConvexPotential):
 
     def operator(self, v, weight):
         return F.linear(v, weight)
+
+    def operator_norm_bound(self) -> float:
+        return dense_norm_bound(self.weight)
 
     def adjoint(self, u, weight):
         return F.linear(u, weight.t())
@@ -228,6 +228,8 @@ class Truncate(nn.Module):
 
     def certified_bound(self) -> torch.Tensor:
         return torch.ones((), dtype=torch.float64)
+
+    power_bound = certified_bound
 
 
 class CPLNet(LipschitzNet):

@@ -157,13 +157,22 @@ class LipschitzNet(nn.Module):
             K_up = K_up * self.classifier.train_bound(n_iter)
         return PairwiseBound(K_up * self.input_factor, self._classifier_rows())
 
+    def _bounded(self) -> list:
+        return self._layers + ([self.classifier] if self.last_layer_one_lipschitz else [])
+
     def converge(self, tol: float = 1e-9) -> None:
-        """Converge every layer's power iteration (call after each epoch and before any certificate)."""
-        for layer in self._layers + ([self.classifier] if self.last_layer_one_lipschitz else []):
+        """Guaranteed bounds and converged power iterations of every layer (after each epoch and before any
+        certificate; cached per layer until its weights change)."""
+        for layer in self._bounded():
             layer.converge(tol=tol)
 
     def layer_bounds(self) -> list:
+        """Each bounded layer's guaranteed Lipschitz constant (the certificate's factors), in order."""
         return [float(layer.certified_bound()) for layer in self._layers]
+
+    def layer_bounds_power(self) -> list:
+        """Each bounded layer's converged power-iteration constant (from below), in order."""
+        return [float(layer.power_bound()) for layer in self._layers]
 
     def nominal_bound(self) -> PairwiseBound:
         """K with every layer taken as exactly 1-Lipschitz, only the input normalization counted: the rule that
@@ -172,12 +181,24 @@ class LipschitzNet(nn.Module):
         return PairwiseBound(torch.tensor(self.input_factor, dtype=torch.float64),
                              None if rows is None else rows.detach().cpu().double())
 
-    def certified_bound(self) -> PairwiseBound:
-        """The sound float64 bound from converged layers (raises UnconvergedBoundError if stale)."""
+    def _product_bound(self, per_layer) -> PairwiseBound:
         K_up = torch.ones((), dtype=torch.float64)
-        layers = self._layers + ([self.classifier] if self.last_layer_one_lipschitz else [])
-        for layer in layers:
-            K_up = K_up * layer.certified_bound().detach().cpu().double()
+        for layer in self._bounded():
+            K_up = K_up * per_layer(layer).detach().cpu().double()
         rows = self._classifier_rows()
         W = None if rows is None else rows.detach().cpu().double()
         return PairwiseBound(K_up * self.input_factor, W)
+
+    def certified_bound(self) -> PairwiseBound:
+        """The certificate: the product of the layers' guaranteed float64 bounds, times 1/min(std), with the exact
+        last-layer rows. K is inflated by 2(L + d + 8)·u for the rounding of the product of L + 1 float64 factors
+        and of the float64 row distances ‖W_i − W_j‖ over d features.
+        Raises UnconvergedBoundError if any layer is stale."""
+        bound = self._product_bound(lambda layer: layer.certified_bound())
+        width = 0 if bound.W is None else bound.W.shape[-1]
+        allowance = 1.0 + 2.0 * (len(self._bounded()) + width + 8) * 2.0 ** -53
+        return PairwiseBound(bound.K_up * allowance, bound.W)
+
+    def power_bound(self) -> PairwiseBound:
+        """The paper's K: the product of converged power-iteration norms (from below; not a certificate)."""
+        return self._product_bound(lambda layer: layer.power_bound())

@@ -1,17 +1,26 @@
-"""Layers whose spectral norm is bounded by power iteration on the true operator.
+"""Layers with two norms: a guaranteed upper bound (the certificate) and a power-iteration estimate (training and
+the paper's "published" number).
 
 `LipLinear` and `LipConv2d` are drop-in `nn.Linear` / `nn.Conv2d` that carry a persistent power-iteration
-iterate (a buffer, so it lives in the state_dict) and give two numbers:
+iterate (a buffer, so it lives in the state_dict). Every bounded layer (these two, and the 1-Lipschitz families'
+layers) speaks one protocol:
 
 * `train_bound(n_iter)`: a few warm-started power-iteration steps (no gradient), then the Rayleigh estimate
   σ = ‖W v‖ with the gradient flowing through W. This is what a loss sees during training (GloRo, CLL:
   5 steps per training step, supplement B).
-* `certified_bound()`: the bound used for certificates. It exists only after `converge()`, which iterates in
-  float64 until the relative change of σ is below `tol` (1e-9), then inflates the Rayleigh estimate by the
-  eigen-residual ‖A v − ρ v‖/ρ of A = WᵀW (power iteration approaches σ from below; the residual accounts for
-  what is left) with a floor of `safety` (1e-5: the unresolved spread of a near-degenerate top singular-value cluster
-  at the stopping tolerance; the tests check the result against exact norms). Any in-place change of the weight
-  after `converge()` invalidates the bound, so a certificate can never be computed from a stale one.
+* `converge()` computes, for the current weights,
+  - `operator_norm_bound()`: a *guaranteed* upper bound on the norm of the layer's linear operator, computed
+    deterministically (bench/nn/spectral.py: Gram iteration for dense matrices, the polyphase circular embedding
+    for zero-padded strided convs; each family its own, stated in its docstring);
+  - a block (subspace) power iteration in float64 with Rayleigh–Ritz on `POWER_BLOCK` vectors, so that a cluster
+    of top singular values resolves instead of stalling the iteration. It stops when its estimate reaches the
+    guaranteed bound (gap below `gap_tol`), or when the top Ritz pair's residual and its change are both below
+    `tol`, or after `max_iter` steps. Its value approaches σ from below: it is a lower bound, never a
+    certificate, and one above the guaranteed bound is a bug (`SoundnessError`).
+  The layer's Lipschitz constants follow from the two (`layer_constants`: the norm itself by default; CPL maps
+  it through its step size).
+* `certified_bound()`: the guaranteed constant; `power_bound()`: the power-iteration one. Both raise when the
+  weights changed after `converge()`, so no certificate is computed from a stale bound.
 
 A conv layer is iterated with conv2d / conv_transpose2d on an iterate of the layer's real input shape
 (recorded on the first forward). `output_padding` makes the transpose return the full input shape: the
@@ -20,15 +29,23 @@ official CLL code omits it, shrinks the iterate for 3×3 stride-2 convs and unde
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.nn.spectral import conv_norm_bound, dense_norm_bound
+
 
 class UnconvergedBoundError(RuntimeError):
     """A certificate was requested from a bound that is not converged for the current weights."""
+
+
+class SoundnessError(RuntimeError):
+    """A lower estimate of a norm exceeded its guaranteed upper bound: one of the two is wrong."""
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -36,19 +53,36 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v).clamp_min(1e-30)
 
 
+def _orthonormal_rows(V: torch.Tensor) -> torch.Tensor:
+    """Rows of V [b, n] orthonormalised (reduced QR of Vᵀ)."""
+    Q, _ = torch.linalg.qr(V.T)
+    return Q.T
+
+
 class PowerIterated:
-    """Mixin: power iteration for the linear part (bias ignored) of a layer. Subclasses define the operator."""
+    """Mixin: guaranteed bound + power iteration for the linear part (bias ignored) of a layer.
+
+    Subclasses define operator(v, weight) and adjoint(u, weight) (batched over the leading axis of v),
+    _iterate_shape(x) and operator_norm_bound()."""
 
     power_iterate: torch.Tensor
     sigma_bound: torch.Tensor
+    sigma_power: torch.Tensor
     weight: nn.Parameter
+
+    #: vectors in the block power iteration (resolves clusters of up to this many top singular values)
+    POWER_BLOCK = 4
+    #: relative tolerance of the gap between the power estimate and the guaranteed bound that ends the iteration
+    GAP_TOL = 1e-9
+    #: a power estimate may exceed the guaranteed bound by this much (rounding of the Rayleigh quotient) before
+    #: it is a SoundnessError
+    ROUNDING_SLACK = 1e-10
 
     def _init_power_iteration(self) -> None:
         self.register_buffer("power_iterate", torch.empty(0))
         self.register_buffer("sigma_bound", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("sigma_power", torch.tensor(float("nan"), dtype=torch.float64))
         self._bound_key = None
-
-    # Subclasses define operator(v, weight), adjoint(u, weight) and _iterate_shape(x).
 
     # -- lazy iterate --------------------------------------------------------------------------------
     def _ensure_iterate(self, x: torch.Tensor) -> None:
@@ -60,11 +94,21 @@ class PowerIterated:
         key = prefix + "power_iterate"
         if key in state_dict and state_dict[key].shape != self.power_iterate.shape:
             self.power_iterate = torch.empty_like(state_dict[key], device=self.weight.device)
+        # checkpoints written before the power estimate had its own buffer
+        state_dict.setdefault(prefix + "sigma_power", torch.tensor(float("nan"), dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        self._bound_key = None  # loaded bounds are never trusted: converge() recomputes them
 
     def _require_iterate(self) -> None:
         if self.power_iterate.numel() == 0:
             raise RuntimeError(f"{type(self).__name__}: run one forward pass first to record the input shape")
+
+    @property
+    def operator_input_shape(self) -> Tuple[int, ...]:
+        """The input shape the layer's operator acts on (from the iterate: [1, C, H, W] or [features])."""
+        self._require_iterate()
+        shape = tuple(self.power_iterate.shape)
+        return shape[1:] if len(shape) > 1 else shape
 
     # -- training estimate ---------------------------------------------------------------------------
     def train_bound(self, n_iter: int) -> torch.Tensor:
@@ -79,49 +123,102 @@ class PowerIterated:
                 self.power_iterate.copy_(v)
         return torch.linalg.vector_norm(self.operator(self.power_iterate.detach(), w))
 
-    # -- certified bound -----------------------------------------------------------------------------
-    def _weight_key(self):
-        return (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device)
+    # -- the two bounds ------------------------------------------------------------------------------
+    def _bound_tensors(self) -> Tuple[torch.Tensor, ...]:
+        """Every tensor the layer's bounds depend on (families add their buffers)."""
+        return (self.weight,)
+
+    def _weight_key(self) -> str:
+        """A digest of the exact bytes of `_bound_tensors()`. Not `Tensor._version`: fused optimizers (Adam,
+        AdamW with fused=True) update parameters in place without bumping it, so a version key lets a bound
+        outlive the weights it was computed for."""
+        digest = hashlib.blake2b(digest_size=16)
+        for t in self._bound_tensors():
+            t = t.detach()
+            digest.update(f"{t.dtype}{tuple(t.shape)}{t.device}".encode())
+            digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def operator_norm_bound(self) -> float:
+        """A guaranteed upper bound on the spectral norm of the layer's linear operator (float64)."""
+        raise NotImplementedError(f"{type(self).__name__} must state its guaranteed bound")
+
+    def layer_constants(self, norm_upper: float, norm_power: float) -> Tuple[float, float]:
+        """(guaranteed, power-iteration) Lipschitz constants of the layer from the two operator norms."""
+        return norm_upper, norm_power
 
     @torch.no_grad()
-    def converge(self, tol: float = 1e-9, max_iter: int = 100_000, safety: float = 1e-5) -> float:
-        """Iterate in float64 to relative change < tol; store an upper bound on ‖W‖₂. Returns it."""
+    def converge(self, tol: float = 1e-9, max_iter: int = 20_000) -> float:
+        """Guaranteed bound and block power iteration for the current weights; returns the guaranteed constant.
+        Cached until the weights change."""
         self._require_iterate()
-        w = self.weight.detach().double()
-        v = _unit(self._warm_start(self.power_iterate.detach().double(), w))
-        prev = None
-        for _ in range(max_iter):
-            u = self.operator(v, w)
-            rho = torch.sum(u * u)                      # vᵀ A v with A = WᵀW, ‖v‖ = 1
-            av = self.adjoint(u, w)                     # A v
-            sigma = math.sqrt(rho.item())
-            if prev is not None and abs(sigma - prev) <= tol * max(sigma, 1e-300):
-                break
-            prev = sigma
-            v = _unit(av)
-        else:
-            raise UnconvergedBoundError(
-                f"{type(self).__name__}: power iteration did not reach relative change {tol:g} in {max_iter} steps")
-        if rho.item() == 0.0:
-            bound = 0.0
-        else:
-            residual = torch.linalg.vector_norm(av - rho * v).item() / rho.item()
-            bound = sigma * (1.0 + max(safety, residual))
-        self.power_iterate.copy_(v.to(self.power_iterate.dtype))
+        if self._bound_key == self._weight_key() and not torch.isnan(self.sigma_bound):
+            return float(self.sigma_bound)
+        upper = float(self.operator_norm_bound())
+        power = self.block_power_iteration(upper, tol=tol, max_iter=max_iter)
+        if power > upper * (1.0 + self.ROUNDING_SLACK):
+            raise SoundnessError(f"{type(self).__name__}: power-iteration estimate {power!r} exceeds the "
+                                 f"guaranteed bound {upper!r}")
+        bound, power_bound = self.layer_constants(upper, power)
         self.sigma_bound.fill_(bound)
+        self.sigma_power.fill_(power_bound)
+        self.norm_upper, self.norm_power = upper, power
         self._bound_key = self._weight_key()
         return bound
 
+    @torch.no_grad()
+    def block_power_iteration(self, upper: float = math.inf, tol: float = 1e-9, max_iter: int = 20_000) -> float:
+        """σ from below: subspace iteration on A = WᵀW in float64 with Rayleigh–Ritz, warm-started from the
+        persistent iterate (which is updated to the top Ritz vector)."""
+        w = self.weight.detach().double()
+        v0 = self._warm_start(self.power_iterate.detach().double(), w)
+        shape = tuple(v0.shape)
+        flat = v0.reshape(1, -1)
+        b = min(self.POWER_BLOCK, flat.shape[1])
+        gen = torch.Generator().manual_seed(0)  # deterministic extra directions
+        extra = torch.randn(b - 1, flat.shape[1], generator=gen, dtype=torch.float64).to(flat.device)
+        Q = _orthonormal_rows(torch.cat([flat, extra]))
+        block_shape = (b, *shape[1:]) if len(shape) > 1 else (b, *shape)
+
+        sigma, prev = 0.0, None
+        for _ in range(max_iter):
+            out = self.operator(Q.reshape(block_shape), w)
+            AQ = out.reshape(b, -1)
+            Y = self.adjoint(out, w).reshape(b, -1)          # AᵀA Q
+            H = AQ @ AQ.T                                   # Q A Qᵀ, b × b
+            theta, S = torch.linalg.eigh(H)
+            theta, S = theta.flip(0), S.flip(1)
+            x = S[:, 0] @ Q
+            r = float(torch.linalg.vector_norm(S[:, 0] @ Y - theta[0] * x))
+            t0 = max(float(theta[0]), 0.0)
+            sigma = math.sqrt(t0)
+            if t0 == 0.0 or sigma >= upper / (1.0 + self.GAP_TOL):
+                break
+            if prev is not None and abs(t0 - prev) <= tol * t0 and r <= math.sqrt(tol) * t0:
+                break
+            prev = t0
+            Q = _orthonormal_rows(Y)
+        self.power_iterate.copy_(_unit(x).reshape(shape).to(self.power_iterate.dtype))
+        return sigma
+
     def _warm_start(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Where cheap, replace the iterate by A^m v (m large) before the stopping-rule loop; default: as is."""
+        """Where cheap, replace the iterate by A^m v (m large) before the iteration; default: as is."""
         return v
 
-    def certified_bound(self) -> torch.Tensor:
-        """The converged float64 upper bound; raises if the weights changed since `converge()`."""
+    def _check_fresh(self) -> None:
         if self._bound_key is None or self._bound_key != self._weight_key() or torch.isnan(self.sigma_bound):
             raise UnconvergedBoundError(
                 f"{type(self).__name__}: the spectral-norm bound is stale; call converge() before certifying")
+
+    def certified_bound(self) -> torch.Tensor:
+        """The guaranteed float64 Lipschitz constant; raises if the weights changed since `converge()`."""
+        self._check_fresh()
         return self.sigma_bound
+
+    def power_bound(self) -> torch.Tensor:
+        """The converged power-iteration constant (the paper's way; from below, not a certificate)."""
+        self._check_fresh()
+        return self.sigma_power
 
 
 class LipLinear(PowerIterated, nn.Linear):
@@ -134,8 +231,12 @@ class LipLinear(PowerIterated, nn.Linear):
     def _iterate_shape(self, x):
         return (self.in_features,)
 
-    def operator(self, v, weight):
-        return weight @ v
+    def operator_norm_bound(self) -> float:
+        """‖W‖ from above by Gram iteration with its rounding allowance (bench/nn/spectral.py)."""
+        return dense_norm_bound(self.weight)
+
+    def operator(self, v, weight):  # v: [in] or a block [b, in]
+        return v @ weight.T
 
     def adjoint(self, u, weight):
         return u @ weight
@@ -177,6 +278,12 @@ class LipConv2d(PowerIterated, nn.Conv2d):
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise ValueError("LipConv2d supports numeric zero padding only")
         self._init_power_iteration()
+
+    def operator_norm_bound(self) -> float:
+        """The polyphase circular-embedding bound of the zero-padded strided conv at its input size
+        (bench/nn/spectral.py, `conv_norm_bound`)."""
+        return conv_norm_bound(self.weight, self.operator_input_shape[-2:], self.stride, self.padding, self.dilation,
+                               self.groups)
 
     def _iterate_shape(self, x):
         return (1, *x.shape[-3:])
