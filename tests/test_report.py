@@ -277,3 +277,32 @@ def test_setting_labels_write_the_fields_radii_as_fractions():
     assert [_fmt_setting(v) for v in (36 / 255, 108 / 255, 0.25, 0.15, 1.0, 51 / 255)] == \
         ["36/255", "108/255", "0.25", "0.15", "1", "0.2"]
     assert _fmt_setting({"schedule": "linear", "start": 0.5, "end": 20.0}) == "linear(0.5→20.0)"
+
+
+def test_power_iteration_columns_and_bound_gaps(tmp_path):
+    """Tables show the guaranteed CRA; `power=True` adds the power-iteration CRA and K(f) as PI columns, and the
+    report's gap frames give the per-layer and per-CRA differences between the two bounds."""
+    from bench.report.report import bound_gap_frames
+
+    r = tmp_path / "results"
+    for seed, (g, p, lb, lp) in enumerate([(0.70, 0.72, [2.0, 3.0], [1.99, 3.0]),
+                                           (0.60, 0.64, [2.5, 3.5], [2.4, 3.49])], start=1):
+        folder = write_run(r, {**CLL, "eps": 0.15}, seed, cra=g, K_f=12.0)
+        res = store.read_result(folder)
+        for split in ("test", "train"):
+            res["eval"][split]["cra_power"] = {"0.15": p}
+        res.update(K_f_power=11.5, layer_bounds=lb, layer_bounds_power=lp)
+        store.write_result(folder, res)
+    runs, _ = tables.collect(r)
+    _, plain = tables.build_table(runs, "test")
+    assert not any("PI" in c for c in plain.columns)
+    agg, display = tables.build_table(runs, "test", power=True)
+    assert agg["CRA@ε_train_mean"].iloc[0] == pytest.approx(0.65)
+    assert agg["pCRA@ε_train_mean"].iloc[0] == pytest.approx(0.68)
+    assert agg["K_f_power_mean"].iloc[0] == pytest.approx(11.5)
+    assert "CRA@ε PI (%)" in display.columns and "K(f) PI" in display.columns
+    assert "not certificates" in tables.caption_for(display)
+    layers, cras = bound_gap_frames(runs, ["test"])
+    assert list(layers["Layer"]) == [1, 2]
+    assert layers["Gap (max over seeds)"].iloc[0] == f"{2.5 / 2.4 - 1:.2e}"
+    assert cras["Δ (points)"].iloc[0] == "−3.00"

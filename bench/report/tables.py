@@ -58,8 +58,10 @@ def eps_train_column(cfg: dict, name: str) -> bool:
             and name == f"{float(cfg['eps']):g}")
 
 
-def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test") -> pd.DataFrame:
-    """One row per run: identity, hash, seed, status, the split's clean/CRA, K(f), K(h∘f), tightness, ..."""
+def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: bool = False) -> pd.DataFrame:
+    """One row per run: identity, hash, seed, status, the split's clean/CRA, K(f), K(h∘f), tightness, ...
+    CRA and K(f) are the guaranteed ones (the certificate); `power` adds the power-iteration CRA (`pCRA@…`) and
+    K(f) (`K_f_power`): the paper's way, from below, not a certificate."""
     rows = []
     for result, cfg in runs:
         row = {k: result[k] for k in IDENTITY}
@@ -69,6 +71,10 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test") -> pd.Data
         row["clean"] = ev.get("clean")
         for name, value in (ev.get("cra") or {}).items():
             row["CRA@ε_train" if eps_train_column(cfg, name) else f"CRA@{name}"] = value
+        if power:
+            for name, value in (ev.get("cra_power") or {}).items():
+                row["pCRA@ε_train" if eps_train_column(cfg, name) else f"pCRA@{name}"] = value
+            row["K_f_power"] = result.get("K_f_power")
         for key in ("K_f", "K_hf", "tightness", "lower_bound", "params", "train_seconds", "device"):
             row[key] = result.get(key)
         rows.append(row)
@@ -111,24 +117,32 @@ def _fmt_setting(v) -> str:
     return str(v)
 
 
-METRIC_ORDER = ("clean", "CRA@ε_train", "CRA@36/255", "CRA@72/255", "CRA@108/255", "K_f", "K_hf", "tightness")
+METRIC_ORDER = ("clean", "CRA@ε_train", "CRA@36/255", "CRA@72/255", "CRA@108/255",
+                "pCRA@ε_train", "pCRA@36/255", "pCRA@72/255", "pCRA@108/255", "K_f", "K_f_power", "K_hf",
+                "tightness")
 PERCENT = {"clean", "tightness"}
 #: columns where a larger mean is better: these get the bold best value and the (+x) deltas
 HIGHER_IS_BETTER = ("clean", "tightness")
 
 
+def is_cra(m: str) -> bool:
+    """A certified-accuracy column: guaranteed (`CRA@…`) or under the power-iteration bound (`pCRA@…`)."""
+    return m.startswith("CRA@") or m.startswith("pCRA@")
+
+
 def is_percent(m: str) -> bool:
-    return m in PERCENT or m.startswith("CRA@")
+    return m in PERCENT or is_cra(m)
 
 
 def _better_is_higher(m: str) -> bool:
-    return m in HIGHER_IS_BETTER or m.startswith("CRA@")
+    return m in HIGHER_IS_BETTER or is_cra(m)
 
 
 def metric_columns(df: pd.DataFrame) -> List[str]:
-    cras = [c for c in df.columns if c.startswith("CRA@")]
-    ordered = [c for c in METRIC_ORDER if c in df.columns or c in cras]
-    return ordered + sorted(c for c in cras if c not in ordered)
+    cras = [c for c in df.columns if is_cra(c)]
+    ordered = [c for c in METRIC_ORDER if c in df.columns]
+    rest = sorted(c for c in cras if c not in ordered)
+    return ordered + [c for c in rest if c.startswith("CRA@")] + [c for c in rest if c.startswith("pCRA@")]
 
 
 def aggregate(df: pd.DataFrame, seeds_expected: Optional[int] = None) -> pd.DataFrame:
@@ -162,8 +176,8 @@ def aggregate(df: pd.DataFrame, seeds_expected: Optional[int] = None) -> pd.Data
                            kind="stable").reset_index(drop=True)
 
 
-HEADERS = {"clean": "Clean (%)", "CRA@ε_train": "CRA@ε (%)", "K_f": "K(f)", "K_hf": "K(h∘f)",
-           "tightness": "Tightness (%)"}
+HEADERS = {"clean": "Clean (%)", "CRA@ε_train": "CRA@ε (%)", "pCRA@ε_train": "CRA@ε PI (%)", "K_f": "K(f)",
+           "K_f_power": "K(f) PI", "K_hf": "K(h∘f)", "tightness": "Tightness (%)"}
 
 
 def header(m: str) -> str:
@@ -171,6 +185,8 @@ def header(m: str) -> str:
         return HEADERS[m]
     if m.startswith("CRA@"):
         return f"CRA {m[4:]} (%)"
+    if m.startswith("pCRA@"):
+        return f"CRA {m[5:]} PI (%)"
     return m
 
 
@@ -399,10 +415,10 @@ def numeric_frame(display: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_table(runs, split: str = "test", seeds_expected: Optional[int] = None,
-                baseline: Optional[str] = None) -> Tuple[pd.DataFrame, pd.DataFrame]:
-    """(aggregate, display) for one evaluation split."""
+                baseline: Optional[str] = None, power: bool = False) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """(aggregate, display) for one evaluation split (`power`: with the power-iteration columns)."""
     runs = list(runs)
-    df = run_frame(runs, split)
+    df = run_frame(runs, split, power)
     if df.empty:
         return df, pd.DataFrame()
     labels = settings_by_hash(runs)
@@ -412,12 +428,16 @@ def build_table(runs, split: str = "test", seeds_expected: Optional[int] = None,
 
 
 CAPTION = ("mean ± sample std (ddof = 1) over complete seeds; n = seeds aggregated (shown as n/N when seeds "
-           "are missing); diverged runs are counted beside n, never averaged. CRA and clean accuracy in %, K "
-           "from converged bounds; the best value per column in bold.")
+           "are missing); diverged runs are counted beside n, never averaged. CRA and clean accuracy in %; CRA "
+           "and K(f) from guaranteed per-layer bounds (the certificate); the best value per column in bold.")
+POWER_CAPTION = (" PI columns: CRA and K(f) under the converged power iteration, the way papers report them; "
+                 "power iteration approaches the norm from below, so these are not certificates.")
 
 
 def caption_for(display: pd.DataFrame, base: str = CAPTION) -> str:
     text = base
+    if any(" PI" in str(c) for c in display.columns):
+        text += POWER_CAPTION
     if display.attrs.get("baseline"):
         text += f" (+x): difference to the {display.attrs['baseline']} row of the same dataset, arch and ε."
     if "Note" in display and display["Note"].astype(bool).any():
@@ -441,12 +461,12 @@ def render(display: pd.DataFrame, fmt: str, caption: Optional[str] = None) -> st
 # The per-seed appendix table (as Tables D6–D8)
 # ---------------------------------------------------------------------------------------------------------
 def per_seed_frame(runs, split: str = "test", seeds_expected: Optional[int] = None,
-                   split_metrics_only: bool = False) -> pd.DataFrame:
+                   split_metrics_only: bool = False, power: bool = False) -> pd.DataFrame:
     """One row per cell × metric, one column per seed, and Avg (mean ± std over complete seeds), as the
     paper's Tables D6–D8. A diverged seed reads 'div.', a missing one '–'. `split_metrics_only`: clean and CRA
     only (K and tightness do not depend on the split, so a second split need not repeat them)."""
     runs = list(runs)
-    df = run_frame(runs, split)
+    df = run_frame(runs, split, power)
     if df.empty:
         return pd.DataFrame()
     labels = settings_by_hash(runs)
@@ -454,7 +474,7 @@ def per_seed_frame(runs, split: str = "test", seeds_expected: Optional[int] = No
     agg = aggregate(df, seeds_expected)
     metrics = [c[:-5] for c in agg.columns if c.endswith("_mean")]
     if split_metrics_only:
-        metrics = [m for m in metrics if m == "clean" or m.startswith("CRA@")]
+        metrics = [m for m in metrics if m == "clean" or is_cra(m)]
     seeds = sorted(set(int(s) for s in df["seed"]) | set(range(1, int(seeds_expected or 0) + 1)))
     rows = []
     for _, r in agg.iterrows():
@@ -515,7 +535,7 @@ def suite_cell_keys(suite: dict) -> set:
 
 def table_for_folder(results: Path, suite_name: Optional[str] = None, fmt: str = "md",
                      split: Optional[str] = None, baseline: Optional[str] = None, per_seed: bool = False,
-                     vs_paper: bool = False) -> str:
+                     vs_paper: bool = False, power: bool = False) -> str:
     if not Path(results).exists():
         raise FileNotFoundError(f"no results folder {results}")
     runs, problems = collect(Path(results))
@@ -525,12 +545,12 @@ def table_for_folder(results: Path, suite_name: Optional[str] = None, fmt: str =
     out = []
     splits = [split] if split else default_splits(runs)
     for i, sp in enumerate(splits):
-        _, display = build_table(runs, sp, seeds_expected, baseline)
+        _, display = build_table(runs, sp, seeds_expected, baseline, power)
         if len(splits) > 1:
             out.append(f"### {sp} split\n" if fmt == "md" else (f"% {sp} split" if fmt == "tex" else ""))
         out.append(render(display, fmt))
         if per_seed:
-            seeds = per_seed_frame(runs, sp, seeds_expected, split_metrics_only=i > 0)
+            seeds = per_seed_frame(runs, sp, seeds_expected, split_metrics_only=i > 0, power=power)
             out.append((f"#### Per-seed results ({sp} split)\n" if fmt == "md" else "") +
                        (to_markdown(seeds) + "\n\n" + PER_SEED_CAPTION if fmt == "md" else
                         to_latex(seeds, PER_SEED_CAPTION) if fmt == "tex" else seeds.to_csv(index=False)))
