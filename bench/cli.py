@@ -1,4 +1,4 @@
-"""The `bench` command: run, suite, table, report, list.
+"""The `bench` command: run, suite, table, report, audit, list.
 
 Every user error (unknown name, malformed YAML, unknown key, missing dataset, corrupt run) ends in one line
 on stderr and exit status 2; nothing half-written is left behind (run files are written atomically).
@@ -77,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--train-subset", type=int, help="the --train-subset the suite was run with")
     report.add_argument("--no-figures", action="store_true", help="tables and report.md only")
     report.set_defaults(device=None, data_root=None, download=False)
+
+    audit = sub.add_parser("audit", help="re-check a run's certificates: checkpoint hash, float64 re-certification, "
+                                         "attacks at the certified radius, exact layer norms")
+    audit.add_argument("target", metavar="RUN_OR_SUITE", help="a run folder, a folder of runs, or a suite name")
+    audit.add_argument("--results", default="results", help="where a suite's runs are (default: results/)")
+    audit.add_argument("--points", type=int, default=100,
+                       help="certified test points attacked per run, a seeded sample (0: all; default 100)")
+    audit.add_argument("--restarts", type=int, default=3, help="PGD restarts per point and target (default 3)")
+    audit.add_argument("--steps", type=int, default=50, help="PGD steps per restart (default 50)")
+    audit.add_argument("--targets", type=int, default=1,
+                       help="runner-up classes attacked directly per point, beside the untargeted margin "
+                            "(0: all; default 1)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the point sample and the restarts")
+    audit.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's, as this machine allows)")
+    audit.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")
+    audit.add_argument("--max-layer-entries", type=float, default=2e7,
+                       help="form a layer's operator explicitly (exact norm) up to in × out entries (default 2e7)")
+    audit.add_argument("--batch", type=int, help="attack rows per batch (default 256 on CPU, 4096 on GPU)")
+    audit.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
+                       help="re-certify the train split too (default: when it is small, e.g. moons)")
 
     sub.add_parser("list", help="show methods, architectures, datasets and suites")
 
@@ -177,6 +197,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from bench.audit import AuditOptions, main as audit_main
+
+    opts = AuditOptions(points=args.points, restarts=args.restarts, steps=args.steps, targets=args.targets,
+                        seed=args.seed, device=args.device, data_root=args.data_root,
+                        max_layer_entries=args.max_layer_entries, batch=args.batch, train=args.train)
+    return audit_main(args.target, args.results, opts)
+
+
 def cmd_list(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -208,7 +237,7 @@ def cmd_perf(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "suite": cmd_suite, "table": cmd_table, "list": cmd_list, "status": cmd_status,
-            "perf": cmd_perf, "report": cmd_report}
+            "perf": cmd_perf, "report": cmd_report, "audit": cmd_audit}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

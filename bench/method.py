@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from bench import certify
 from bench.nn.bound import PairwiseBound
 
 
@@ -35,9 +36,12 @@ class Method(ABC):
     arch_aliases: Dict[str, str] = {}
 
     def published_cra(self, logits: torch.Tensor, y: torch.Tensor, model, eps: Dict[str, float]):
-        """CRA per ε under the method's *published* certificate rule, when it differs from the sound one
-        (recorded next to it in result.json). None when the published rule is the engine's."""
-        return None
+        """CRA per ε under the *published* certificate rule of the model's family, when it has its own
+        (recorded next to the sound CRA in result.json): a 1-Lipschitz family (`published_rule_nominal`) publishes
+        certificates that take every layer as exactly 1 (`nominal_bound`). None when the rule is the engine's."""
+        if not getattr(model, "published_rule_nominal", False):
+            return None
+        return certify.evaluate_logits(logits, y, model.nominal_bound(), eps, self.num_classes)["cra"]
 
     def K_hf(self, bound: PairwiseBound) -> float:
         """K(h∘f), the Lipschitz constant of the loss's output map composed with f. For losses whose h is a

@@ -45,7 +45,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import certify
 from bench.method import Method
 from bench.nn.bound import LipschitzNet, NormalizedLinear
 from bench.nn.lipschitz import PowerIterated
@@ -233,7 +232,10 @@ class Truncate(nn.Module):
 
 
 class CPLNet(LipschitzNet):
-    """A LipschitzNet of convex potential layers (marks the family for the published certificate rule)."""
+    """A LipschitzNet of convex potential layers. Its published rule (official `certified_accuracy[_LLN]`) takes
+    every layer as exactly 1-Lipschitz."""
+
+    published_rule_nominal = True
 
 
 CPL_SIZES = {  # depth, channels, depth_linear, n_features (see the module docstring for the XL conflict)
@@ -313,9 +315,3 @@ class CPL(Method):
     def loss(self, logits, y, bound, progress):
         loss = F.multi_margin_loss(logits, y, margin=self.margin, p=1)
         return loss, {"hinge": float(loss.detach())}
-
-    def published_cra(self, logits, y, model, eps: Dict[str, float]):
-        """The official rule (`certified_accuracy[_LLN]`): every layer taken as exactly 1-Lipschitz."""
-        if not isinstance(model, CPLNet):
-            return None
-        return certify.evaluate_logits(logits, y, model.nominal_bound(), eps, self.num_classes)["cra"]

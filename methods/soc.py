@@ -50,7 +50,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import certify
 from bench.method import Method
 from bench.nn.bound import LipschitzNet, NormalizedLinear
 from bench.nn.lipschitz import PowerIterated, UnconvergedBoundError
@@ -384,7 +383,10 @@ ACTIVATIONS = {"maxmin": lambda c: MaxMinHalves(), "hh1": HouseHolder, "hh2": Ho
 # LipConvNet
 # ---------------------------------------------------------------------------------------------------------
 class LipConvNet(LipschitzNet):
-    """A LipschitzNet of SOC layers; activation parameters get no weight decay (official `parameter_lists`)."""
+    """A LipschitzNet of SOC layers; activation parameters get no weight decay (official `parameter_lists`). Its
+    published rule takes every layer as exactly orthogonal (no truncation error), L = 1/min(std)."""
+
+    published_rule_nominal = True
 
     def param_groups(self, weight_decay: float):
         act = {id(p) for m in self.modules() if isinstance(m, (HouseHolder, HouseHolderOrder2))
@@ -493,12 +495,6 @@ class SOC(Method):
         cert = label_certificates(logits, y, bound, self.num_classes)
         loss = ce - self.gamma * F.relu(cert).mean() if self.gamma else ce
         return loss, {"ce": float(ce.detach()), "cert": float(cert.detach().clamp_min(0).mean())}
-
-    def published_cra(self, logits, y, model, eps: Dict[str, float]):
-        """The official rule: layers taken as exactly orthogonal (no truncation error), L = 1/min(std)."""
-        if not isinstance(model, LipConvNet):
-            return None
-        return certify.evaluate_logits(logits, y, model.nominal_bound(), eps, self.num_classes)["cra"]
 
 
 __all__ = ["SkewOrthogonalConv", "SOCHead", "MaxMinHalves", "HouseHolder", "HouseHolderOrder2", "LipConvNet",

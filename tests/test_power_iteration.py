@@ -1,51 +1,92 @@
-"""The converged power-iteration bound is an upper bound on the exact spectral norm, within 1e-4 of it."""
+"""Per-layer bounds of LipLinear / LipConv2d against exact spectral norms (explicit fp64 matrices).
+
+Since the guaranteed-bound commit a layer has two numbers: `certified_bound()` (bench/nn/spectral.py, a proven
+upper bound: Gram iteration for dense matrices, the polyphase circular embedding for convs) and `power_bound()`
+(the converged block power iteration, from below: the paper's "published" estimate). Every case asserts
+power_bound ≤ exact ≤ certified_bound. Tightness: the power estimate is within 1e-6 of exact; the dense Gram
+bound within 1e-9; the conv bound is the circular embedding's, loose by the wrap-around of a small input
+(measured below), ~0.1–0.5 % on 32×32 inputs.
+"""
+import copy
 import itertools
 
-import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.nn.lipschitz import LipConv2d, LipLinear, UnconvergedBoundError
+from bench.nn.verify import impulse_jacobian
 from tests.conftest import fixture, t64
 
 
-def exact_norm(layer: torch.nn.Module, input_shape) -> float:
-    """σ_max of the layer's linear part from its impulse-response Jacobian (float64 SVD)."""
-    layer = layer.double()
-    n = int(np.prod(input_shape))
-    basis = torch.eye(n, dtype=torch.float64).reshape(n, *input_shape)
-    with torch.no_grad():
-        cols = layer.operator(basis, layer.weight.double())
-    return float(torch.linalg.matrix_norm(cols.reshape(n, -1), ord=2))
+def exact_conv_norm(layer: LipConv2d, input_shape) -> float:
+    """σ_max of the layer's bias-free conv from its impulse-response matrix (float64 SVD). The layer is left as
+    it is (its bound stays fresh)."""
+    w = layer.weight.detach().double()
+    J = impulse_jacobian(lambda b: F.conv2d(b, w, None, layer.stride, layer.padding, layer.dilation, layer.groups),
+                         input_shape)
+    return float(torch.linalg.matrix_norm(J, ord=2))
+
+
+def assert_sandwich(layer, exact, power_rtol=1e-6):
+    """power ≤ exact ≤ certified, and the power estimate within `power_rtol` of exact."""
+    certified, power = float(layer.certified_bound()), float(layer.power_bound())
+    assert exact <= certified, (certified, exact)
+    assert exact * (1 - power_rtol) <= power <= exact * (1 + 1e-12), (power, exact)
+    return certified, power
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (32, 64), (64, 16)])
-def test_linear_bound_is_upper_and_tight(shape):
+def test_linear_bounds_sandwich_the_exact_norm(shape):
     torch.manual_seed(0)
     layer = LipLinear(shape[1], shape[0])
     layer(torch.zeros(1, shape[1]))
     bound = layer.converge()
     exact = float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
-    assert exact <= bound <= exact * (1 + 1e-4)
+    certified, _ = assert_sandwich(layer, exact)
+    assert bound == certified
+    assert certified <= exact * (1 + 1e-9)  # Gram iteration: measured ≤ 1.5e-13 above exact
 
 
 CONV_CASES = list(itertools.product([1, 2], [3, 4], [0, 1]))
+#: the circular bound's measured excess over exact on 3×9×9 → 4 channels, random init (seeded as below):
+#: 3.5, 4.6, 11.7, 8.1 % (stride 1) and 1.4, 3.2, 7.6, 4.9 % (stride 2); asserted with margin
+SMALL_INPUT_LOOSENESS = 0.15
 
 
 @pytest.mark.parametrize("stride,kernel,padding", CONV_CASES)
-def test_conv_bound_is_upper_and_tight(stride, kernel, padding):
+def test_conv_bounds_sandwich_the_exact_norm(stride, kernel, padding):
     torch.manual_seed(stride * 100 + kernel * 10 + padding)
     shape = (3, 9, 9)  # odd size: 3×3 stride-2 is the case where the official iterate shrinks
     layer = LipConv2d(3, 4, kernel, stride=stride, padding=padding)
     layer(torch.zeros(1, *shape))
     bound = layer.converge()
-    exact = exact_norm(layer, shape)
+    exact = exact_conv_norm(layer, shape)
     assert layer.power_iterate.shape[-3:] == shape  # output_padding keeps the iterate at the input shape
-    assert exact <= bound <= exact * (1 + 1e-4), (bound, exact)
+    certified, _ = assert_sandwich(layer, exact)
+    assert bound == certified
+    assert certified <= exact * (1 + SMALL_INPUT_LOOSENESS), (certified, exact)
+
+
+@pytest.mark.parametrize("stride,kernel,padding", [(1, 3, 1), (2, 3, 1), (2, 4, 1), (1, 4, 0), (1, 1, 0)])
+def test_conv_guaranteed_bound_is_tight_at_cifar_size(stride, kernel, padding):
+    """On 32×32 inputs the wrap-around costs little: measured certified/power − 1 = 0.13, 0.37, 0.29, 0.45 % and
+    4e-10 (1×1: the circular embedding is exact) for 3 → 8 channels at random init. power ≤ exact, so
+    certified ≤ power·1.01 bounds the excess over exact by 1 %."""
+    torch.manual_seed(stride * 100 + kernel * 10 + padding)
+    layer = LipConv2d(3, 8, kernel, stride=stride, padding=padding)
+    layer(torch.zeros(1, 3, 32, 32))
+    layer.converge()
+    certified, power = float(layer.certified_bound()), float(layer.power_bound())
+    assert power <= certified <= power * 1.01
+    if kernel == 1:
+        assert certified <= power * (1 + 1e-8)
 
 
 def test_conv_even_input_stride2_k3_reaches_exact_norm():
-    """The official case that under-estimates (reference §8.1): 3×3, stride 2, padding 1 on 32×32."""
+    """The official case that under-estimates (reference §8.1): 3×3, stride 2, padding 1 on 32×32. The power
+    estimate reaches the exact norm from the official start; the guaranteed bound is above it (measured
+    +0.25 %)."""
     z = fixture("cll_conv_power_iteration_k3s2p1")
     layer = LipConv2d(3, 4, 3, stride=2, padding=1).double()
     with torch.no_grad():
@@ -55,7 +96,8 @@ def test_conv_even_input_stride2_k3_reaches_exact_norm():
     bound = layer.converge()
     exact = float(z["exact_spectral_norm"])
     assert float(z["sigma_post_training_hook"]) < exact  # the official bound is below the true norm
-    assert exact <= bound <= exact * (1 + 1e-4)
+    certified, _ = assert_sandwich(layer, exact)
+    assert bound == certified <= exact * 1.005
     assert tuple(layer.power_iterate.shape) == (1, 3, 32, 32)
 
 
@@ -72,8 +114,12 @@ def test_conv_trajectory_matches_official_where_shapes_agree():
     for n in z["trajectory_iterations"]:
         ours.append(float(layer.train_bound(int(n) - done).detach()))
         done = int(n)
-    np.testing.assert_allclose(ours, z["sigma_trajectory"], rtol=1e-8)
-    assert z["exact_spectral_norm"] <= layer.converge() <= z["exact_spectral_norm"] * (1 + 1e-4)
+    torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64), t64(z["sigma_trajectory"]), rtol=1e-8,
+                               atol=0)
+    exact = float(z["exact_spectral_norm"])
+    layer.converge()
+    certified, _ = assert_sandwich(layer, exact)
+    assert certified <= exact * 1.005  # measured +0.22 %
 
 
 def test_bound_goes_stale_after_a_weight_update():
@@ -81,11 +127,24 @@ def test_bound_goes_stale_after_a_weight_update():
     layer(torch.zeros(1, 6))
     layer.converge()
     layer.certified_bound()
+    layer.power_bound()
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer(torch.randn(3, 6)).sum().backward()
     opt.step()
     with pytest.raises(UnconvergedBoundError):
         layer.certified_bound()
+    with pytest.raises(UnconvergedBoundError):
+        layer.power_bound()
+
+
+def test_a_dtype_change_makes_the_bound_stale():
+    """The key digests dtype and bytes: a bound converged for float32 weights is not the float64 layer's."""
+    layer = LipConv2d(2, 3, 3, padding=1)
+    layer(torch.zeros(1, 2, 5, 5))
+    layer.converge()
+    twin = copy.deepcopy(layer).double()
+    with pytest.raises(UnconvergedBoundError):
+        twin.certified_bound()
 
 
 def test_iterate_lives_in_state_dict_and_loads_into_a_fresh_layer():
@@ -99,6 +158,20 @@ def test_iterate_lives_in_state_dict_and_loads_into_a_fresh_layer():
     b.load_state_dict(state)
     assert torch.equal(b.power_iterate, a.power_iterate)
     assert torch.allclose(b.train_bound(0), a.train_bound(0))
+
+
+def test_loaded_bounds_are_never_trusted():
+    """A state_dict carries sigma_bound, but a loaded layer recomputes it: certified_bound() raises until
+    converge(), which gives the same number for the same weights."""
+    torch.manual_seed(2)
+    a = LipConv2d(2, 3, 3, padding=1)
+    a(torch.zeros(1, 2, 6, 6))
+    bound = a.converge()
+    b = LipConv2d(2, 3, 3, padding=1)
+    b.load_state_dict(a.state_dict())
+    with pytest.raises(UnconvergedBoundError):
+        b.certified_bound()
+    assert b.converge() == bound
 
 
 def test_training_bound_carries_gradient_to_the_weight():

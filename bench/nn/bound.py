@@ -111,6 +111,10 @@ class LipschitzNet(nn.Module):
                 ([0,1] pixels); its factor 1/min(std) enters K_up.
     """
 
+    #: the family publishes certificates that take every layer as exactly 1-Lipschitz (SOC, CPL, SLL, Sandwich):
+    #: result.json then records that rule's CRA as `cra_published` beside the sound one
+    published_rule_nominal = False
+
     def __init__(self, features: nn.Module, classifier: nn.Module, input_shape: Sequence[int],
                  num_classes: int, normalize: Optional[tuple] = None, last_layer_one_lipschitz: bool = False):
         super().__init__()

@@ -1,0 +1,2 @@
+"""Layer families: one module each, holding its layers, its network builder, its architecture registrations
+(with their default input handling) and what its guarantee rests on. Several losses (methods/) train them."""
