@@ -65,7 +65,7 @@ class AuditOptions:
     device: Optional[str] = None
     data_root: Optional[str] = None
     max_layer_entries: float = 2e7
-    batch: Optional[int] = None  # attack rows per batch (default: 256 on CPU, 4096 on GPU)
+    batch: Optional[int] = None  # attack rows per batch (default: by input size; 256 for CIFAR on CPU)
     train: Optional[bool] = None  # re-certify the train split (None: when it is small)
 
     def as_dict(self) -> Dict[str, object]:
@@ -353,7 +353,9 @@ def attack_certified(model, model64, data, logits: torch.Tensor, bound, eps_min:
     n_targets = num_classes - 1 if not opts.targets else min(int(opts.targets), num_classes - 1)
     untargeted = num_classes > 2
     rows_per_point = n_targets + int(untargeted)
-    batch = opts.batch or (4096 if device.type == "cuda" else 256)
+    numel = max(1, math.prod(int(d) for d in data.input_shape))
+    batch = opts.batch or (min(16384, max(1024, 2 ** 23 // numel)) if device.type == "cuda"
+                           else min(8192, max(256, 2 ** 19 // numel)))
     points_per_batch = max(1, batch // rows_per_point)
     _, gap, K = certify.margins(logits, bound, num_classes)
     pair_radius = torch.where(K > 0, gap / K.clamp_min(1e-300), torch.full_like(gap, float("inf")))

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")
     audit.add_argument("--max-layer-entries", type=float, default=2e7,
                        help="form a layer's operator explicitly (exact norm) up to in × out entries (default 2e7)")
-    audit.add_argument("--batch", type=int, help="attack rows per batch (default 256 on CPU, 4096 on GPU)")
+    audit.add_argument("--batch", type=int, help="attack rows per batch (default: by input size and device)")
     audit.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
                        help="re-certify the train split too (default: when it is small, e.g. moons)")
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from bench.method import Method
 from bench.nn.bound import LipschitzNet, NormalizedLinear
+from bench.nn.families.common import ChannelPad, SumPool, Truncate
 from bench.nn.lipschitz import PowerIterated
 from bench.nn.spectral import conv_norm_bound, dense_norm_bound
 from bench.nn.archs import register_spec_arch
@@ -184,51 +185,6 @@ class ConvexPotentialLinear(ConvexPotential):
 
     def adjoint(self, u, weight):
         return F.linear(u, weight.t())
-
-
-class ChannelPad(nn.Module):
-    """Zero-pads the channels to C (official `PaddingChannels(mode="zero")`): an isometry."""
-
-    lipschitz_one = True
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
-
-    def forward(self, x):
-        return F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
-
-
-class SumPool(nn.Module):
-    """Non-overlapping 4×4 sums divided by 4 (official `AvgPool2d(4, divisor_override=4)`): 1-Lipschitz,
-    since ‖Σ of 16 entries‖ ≤ 4·‖entries‖."""
-
-    lipschitz_one = True
-
-    def forward(self, x):
-        return F.avg_pool2d(x, 4, divisor_override=4)
-
-
-class Truncate(nn.Module):
-    """The 1-Lipschitz last layer: the first N coordinates (official `PoolingLinear(agg="trunc")`)."""
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.num_classes = num_classes
-
-    def forward(self, x):
-        return x[:, :self.num_classes]
-
-    def train_bound(self, n_iter: int) -> torch.Tensor:
-        return torch.ones(())
-
-    def converge(self, tol: float = 1e-9) -> float:
-        return 1.0
-
-    def certified_bound(self) -> torch.Tensor:
-        return torch.ones((), dtype=torch.float64)
-
-    power_bound = certified_bound
 
 
 class CPLNet(LipschitzNet):

@@ -10,6 +10,7 @@ bound within 1e-9; the conv bound is the circular embedding's, loose by the wrap
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,11 +115,13 @@ def test_conv_trajectory_matches_official_where_shapes_agree():
     for n in z["trajectory_iterations"]:
         ours.append(float(layer.train_bound(int(n) - done).detach()))
         done = int(n)
-    torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64), t64(z["sigma_trajectory"]), rtol=1e-8,
-                               atol=0)
+    np.testing.assert_allclose(ours, z["sigma_trajectory"], rtol=1e-8)
     exact = float(z["exact_spectral_norm"])
     layer.converge()
-    certified, _ = assert_sandwich(layer, exact)
+    # This operator's top pair is near-degenerate (σ₁ − σ₂ = 5.6e-6·σ₁, explicit matrix) and 20,000 single-vector
+    # steps leave the iterate mixed inside it. The block iteration then stops after 2 steps (change < 1e-9 and
+    # residual < √tol·θ) at 2.4e-6 below σ₁ (measured): the power column is from below, so only 1e-5 is asserted.
+    certified, _ = assert_sandwich(layer, exact, power_rtol=1e-5)
     assert certified <= exact * 1.005  # measured +0.22 %
 
 
