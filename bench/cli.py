@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train and certify seeds 1..N of one configuration")
     run.add_argument("--method", required=True)
     run.add_argument("--arch", required=True)
-    run.add_argument("--dataset", default="moons")
+    run.add_argument("--dataset", help="dataset (default: the architecture's, e.g. moons for moons-mlp, "
+                                        "cifar10 for 4c3f and the CPL/SOC/SLL nets)")
     run.add_argument("--seeds", type=int, default=1, help="train seeds 1..N")
     _add_common(run)
 

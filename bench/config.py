@@ -81,19 +81,34 @@ def known_keys(method: str, dataset: str) -> set:
     return set(ENGINE_DEFAULTS) | set(getattr(d, "defaults", {})) | set(m.hparams) | set(NAME_KEYS)
 
 
+def data_kind(input_shape) -> str:
+    """"image" for (C, H, W) inputs, "vector" for flat ones."""
+    return "image" if len(tuple(input_shape)) == 3 else "vector"
+
+
 def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
-    """Resolve a run spec (method, arch, dataset and overrides) into the full config. Validates names/keys."""
-    for key in NAME_KEYS:
+    """Resolve a run spec (method, arch, dataset and overrides) into the full config. Validates names/keys.
+    Without a dataset the architecture's default one is used; an architecture and a dataset of different kinds
+    of data (images, vectors) are refused here, before anything is built or written."""
+    for key in ("method", "arch"):
         if not spec.get(key):
             raise ConfigError(f"missing {key!r}: a run needs a method, an arch and a dataset")
     try:
         method = METHODS.get(str(spec["method"]))
-        dataset = DATASETS.get(str(spec["dataset"]))
         # a method may give a short name a meaning of its own (e.g. `--arch xl` with CPL means CPL-XL)
         spec = {**spec, "arch": getattr(method, "arch_aliases", {}).get(str(spec["arch"]), str(spec["arch"]))}
-        ARCHS.get(str(spec["arch"]))
+        arch = ARCHS.get(str(spec["arch"]))
+        if not spec.get("dataset"):
+            spec = {**spec, "dataset": getattr(arch, "default_dataset", None)}
+            if not spec["dataset"]:
+                raise ConfigError(f"missing 'dataset': architecture {spec['arch']!r} names no default dataset")
+        dataset = DATASETS.get(str(spec["dataset"]))
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
+    takes, gives = getattr(arch, "data", None), getattr(dataset, "input_shape", None)
+    if takes and gives is not None and takes != data_kind(gives):
+        raise ConfigError(f"architecture {spec['arch']!r} takes {takes}s but dataset {spec['dataset']!r} gives "
+                          f"{data_kind(gives)}s (its default dataset is {getattr(arch, 'default_dataset', '?')})")
     known = known_keys(spec["method"], spec["dataset"])
     unknown = [k for k in spec if k not in known]
     if unknown:

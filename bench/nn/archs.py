@@ -54,30 +54,34 @@ def build_plain(spec: Sequence[tuple], input_shape: Sequence[int], num_classes: 
     return LipschitzNet(nn.Sequential(*layers), classifier, input_shape, num_classes, normalize=normalize)
 
 
-def register_spec_arch(name: str, builder, doc: str, family: Optional[str] = None, **spec):
+def register_spec_arch(name: str, builder, doc: str, family: Optional[str] = None, data: str = "image",
+                       default_dataset: str = "cifar10", **spec):
     """Register `builder(input_shape, num_classes, normalize, **spec)` as architecture `name`. The factory keeps
-    its `spec` and `family` (method recipes may be keyed "<dataset>@<family>", e.g. "cifar10@lipconv")."""
+    its `spec` and `family` (method recipes may be keyed "<dataset>@<family>", e.g. "cifar10@lipconv"), the kind
+    of data it takes (`data`: "image" or "vector", checked against the dataset when a config is resolved) and the
+    dataset a run uses when none is named."""
     def factory(input_shape, num_classes, normalize=None):
         return builder(input_shape, num_classes, normalize, **spec)
     factory.__doc__ = doc
     factory.spec = dict(spec)
     factory.family = family
+    factory.data = data
+    factory.default_dataset = default_dataset
     register_arch(name)(factory)
     return factory
 
 
-def _plain_arch(name: str, spec: Sequence[tuple], doc: str):
-    def factory(input_shape, num_classes, normalize=None):
-        return build_plain(spec, input_shape, num_classes, normalize)
-    factory.__doc__ = doc
+def _plain_arch(name: str, spec: Sequence[tuple], doc: str, default_dataset: str = "cifar10"):
+    factory = register_spec_arch(name, lambda shape, classes, normalize: build_plain(spec, shape, classes, normalize),
+                                 doc, data="image" if spec[0][0] == "c" else "vector",
+                                 default_dataset=default_dataset)
     factory.spec = tuple(spec)
-    register_arch(name)(factory)
     return factory
 
 
 # Two-moons MLP (supplement B, Table B1): 2-10-20-40-40-20-10-2 with MaxMin, 3,782 parameters.
 _plain_arch("moons-mlp", [("d", 10), ("d", 20), ("d", 40), ("d", 40), ("d", 20), ("d", 10)],
-            "Two-moons MLP 2-10-20-40-40-20-10-2 with MaxMin (supplement B).")
+            "Two-moons MLP 2-10-20-40-40-20-10-2 with MaxMin (supplement B).", default_dataset="moons")
 
 # CIFAR 4C3F (Table B2; GloRo's cnn_4C3F): 4×4 stride-2 convs, 2,466,858 parameters.
 _plain_arch("4c3f", [("c", 32, 3, 1, 1), ("c", 32, 4, 2, 1), ("c", 64, 3, 1, 1), ("c", 64, 4, 2, 1),
@@ -95,7 +99,7 @@ _plain_arch("6c2f", [("c", 32, 3, 1, 1), ("c", 32, 3, 1, 1), ("c", 32, 4, 2, 1),
 _plain_arch("8c2f", [("c", 64, 3, 1, 1), ("c", 64, 3, 1, 1), ("c", 64, 4, 2, 0), ("c", 128, 3, 1, 1),
                      ("c", 128, 3, 1, 1), ("c", 128, 4, 2, 0), ("c", 256, 3, 1, 1), ("c", 256, 4, 2, 0),
                      ("d", 256)],
-            "8C2F as in Table B2 (64×64 inputs).")
+            "8C2F as in Table B2 (64×64 inputs).", default_dataset="tinyimagenet")
 
 
 def count_parameters(model: nn.Module) -> int:
