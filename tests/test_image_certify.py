@@ -1,14 +1,13 @@
-"""Certificates of conv nets: 4C3F's converged K(f) against an independent long float64 power iteration, input
+"""Certificates of conv nets: a 4C3F-shaped net's guaranteed K(f) against an independent long float64 power
+iteration (a lower estimate: K must dominate it and stay within a few % of it), input
 normalisation entering K as 1/min(std), and certified points surviving an L2 attack."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import bench.nn.archs  # noqa: F401
 from bench.certify import certified, certified_radius, l2_pgd
 from bench.nn.archs import build_plain
 from bench.nn.lipschitz import LipConv2d, LipLinear
-from bench.registry import ARCHS
 
 # no padding in the first conv: zero padding after normalisation is not zero padding before it, so only an
 # unpadded first layer folds the normalisation exactly
@@ -29,27 +28,39 @@ def independent_norm(apply, shape, iters, seed=0):
         return apply(v).norm().item()
 
 
+#: 4C3F's layer pattern (3×3 s1, 4×4 s2, 3×3 s1, 4×4 s2, two dense) at CIFAR size, narrowed to 8/16 channels and
+#: 64 features so that converging it and the independent iterations take seconds, not a minute, on one core
+NARROW_4C3F = [("c", 8, 3, 1, 1), ("c", 8, 4, 2, 1), ("c", 16, 3, 1, 1), ("c", 16, 4, 2, 1), ("d", 64), ("d", 64)]
+
+
 @pytest.mark.slow
-def test_4c3f_bound_is_at_least_a_long_float64_power_iteration():
+def test_4c3f_shaped_bound_is_at_least_a_long_float64_power_iteration():
     torch.manual_seed(3)
-    net = ARCHS.get("4c3f")((3, 32, 32), 10)
-    net.converge()                                      # the engine: float64 to 1e-9, residual-inflated
+    net = build_plain(NARROW_4C3F, (3, 32, 32), 10)
+    net.converge()                      # guaranteed bounds + float64 block power iteration
     K_engine = float(net.certified_bound().max(10))
+    K_power = float(net.power_bound().max(10))
     product = 1.0
     for layer in net._layers:
         w = layer.weight.detach().double()
         if isinstance(layer, LipConv2d):
             shape = tuple(layer.power_iterate.shape)
             sigma = independent_norm(lambda v: F.conv2d(v, w, None, layer.stride, layer.padding), shape, 1500)
+            # the guaranteed conv bound at 32×32 / 16×16 inputs: measured 0.14–0.72 % above this lower estimate
+            assert sigma <= float(layer.certified_bound()) <= sigma * 1.01
         else:
             assert isinstance(layer, LipLinear)
             sigma = torch.linalg.matrix_norm(w, ord=2).item()        # exact for dense layers
-        assert float(layer.certified_bound()) >= sigma
+            assert sigma <= float(layer.certified_bound()) <= sigma * (1 + 1e-9)
+        # both are from below; the engine's block iteration gets at least as far (measured: up to 3e-5 further)
+        assert float(layer.power_bound()) >= sigma * (1 - 1e-6)
+        assert float(layer.power_bound()) <= float(layer.certified_bound())
         product *= sigma
     W = net.classifier.weight.detach().double()
     K_independent = product * torch.cdist(W, W).max().item()
     assert K_engine >= K_independent
-    assert K_engine <= K_independent * (1 + 1e-3)      # and tight: the engine bound is not loose
+    assert K_independent * (1 - 1e-6) <= K_power <= K_engine
+    assert K_engine <= K_independent * 1.03   # and not loose: measured +1.76 % over four conv layers
 
 
 def _small_net(normalize, seed=0, shape=(3, 8, 8)):

@@ -31,6 +31,11 @@ def test_conformance_with_official_soc(case):
         np.testing.assert_allclose(fresh(x).numpy(), z["y_train"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fresh.u1.numpy(), z["u1"], atol=1e-6)
     assert int(fresh.total_iters) == int(z["total_iters"])
+    # lipbench's bounds of the official layer's eval map (explicit fp64 matrix): power ≤ exact ≤ guaranteed
+    layer.converge()
+    exact = float(torch.linalg.matrix_norm(layer.matrix(tuple(x.shape[1:])), 2))
+    assert exact * (1 - 1e-9) <= float(layer.power_bound()) <= exact * (1 + 1e-12)
+    assert exact <= float(layer.certified_bound()) <= 1.001
 
 
 JAC_CASES = [(4, 8, 3, 1, 6), (4, 8, 3, 2, 6), (8, 6, 1, 1, 3)]  # cin, cout, k, stride, H: pad, s2d+truncate, 1×1
