@@ -28,9 +28,35 @@ def parse_eps(value) -> float:
         raise ValueError(f"cannot read ε {value!r}; write a number or a fraction such as 36/255") from e
 
 
+def _precision_knobs():
+    """Every backend's float32 precision setting (torch ≥ 2.9: `fp32_precision`, per backend and operator)."""
+    b = torch.backends
+    candidates = [b, getattr(b.cuda, "matmul", None), b.cudnn, getattr(b.cudnn, "conv", None),
+                  getattr(b.cudnn, "rnn", None), getattr(b, "mkldnn", None),
+                  getattr(getattr(b, "mkldnn", None), "matmul", None), getattr(getattr(b, "mkldnn", None), "conv", None),
+                  getattr(getattr(b, "mkldnn", None), "rnn", None)]
+    return [c for c in candidates if c is not None and hasattr(c, "fp32_precision")]
+
+
 @contextlib.contextmanager
 def exact_matmul():
-    """TF32 off for the duration (certification must not run on reduced-precision matmuls)."""
+    """Full float32 precision for the duration: TF32 off on CUDA matmul and cuDNN, bf16 off in oneDNN
+    (certification must not run on reduced-precision kernels). Every setting the caller made is restored.
+
+    With torch's per-backend `fp32_precision` API every knob is set to "ieee"; the legacy getter
+    `torch.get_float32_matmul_precision()` is not called, since it raises once a caller mixed the legacy and new
+    APIs. Older torch: the legacy flags."""
+    knobs = _precision_knobs()
+    if knobs:
+        saved = [(k, k.fp32_precision) for k in knobs]
+        try:
+            for k, _ in saved:
+                k.fp32_precision = "ieee"
+            yield
+        finally:
+            for k, value in reversed(saved):
+                k.fp32_precision = value
+        return
     cuda_mm = torch.backends.cuda.matmul.allow_tf32
     cudnn = torch.backends.cudnn.allow_tf32
     precision = torch.get_float32_matmul_precision()

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--split", default=None, help="evaluation split (test, train, test_lossless, ...)")
     table.add_argument("--baseline", help="print (+x) deltas against this row: METHOD or METHOD/ARCH")
     table.add_argument("--per-seed", action="store_true", help="add the per-seed appendix table (as Tables D6-D8)")
+    table.add_argument("--power", action="store_true",
+                       help="add CRA and K(f) under the converged power iteration (the paper's way; not certificates)")
     table.add_argument("--vs-paper", action="store_true",
                        help="paper, measured and difference side by side (numbers from the suites' `paper:` blocks)")
 
@@ -181,7 +183,8 @@ def cmd_table(args) -> int:
     from bench.report.tables import table_for_folder
 
     print(table_for_folder(Path(args.results), suite_name=args.suite, fmt=args.format, split=args.split,
-                           baseline=args.baseline, per_seed=args.per_seed, vs_paper=args.vs_paper))
+                           baseline=args.baseline, per_seed=args.per_seed, vs_paper=args.vs_paper,
+                           power=args.power))
     return 0
 
 

@@ -168,8 +168,7 @@ class PrecisionRecorder(nn.Module):
         self.seen = []
 
     def forward(self, x):
-        self.seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-                          torch.backends.cudnn.allow_tf32))
+        self.seen.append(_knob_values())
         return x
 
 
@@ -178,29 +177,23 @@ class _Plain(Method):
         raise NotImplementedError
 
 
+def _knob_values():
+    return tuple(k.fp32_precision for k in certify._precision_knobs())
+
+
 @pytest.fixture
 def reduced_precision():
-    """The caller's settings: medium float32 matmul precision and TF32 on; the originals restored after."""
-    saved = _precision_state()
-    # TF32 flags first, then the precision: torch ≥ 2.9 refuses to *read* the precision after the opposite order
-    # (test_certification_after_mixed_precision_api_calls)
+    """The caller's settings, made the way users make them (legacy API: medium precision, TF32 on — in the order
+    that leaves torch's legacy getter raising); every knob's original value restored after."""
+    saved = [(k, k.fp32_precision) for k in certify._precision_knobs()]
+    torch.set_float32_matmul_precision("medium")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("medium")
     try:
-        yield ("medium", True, True)
+        yield _knob_values()
     finally:
-        _restore_precision(saved)
-
-
-def _precision_state():
-    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32)
-
-
-def _restore_precision(saved):
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
-    torch.set_float32_matmul_precision(saved[0])
+        for k, value in saved:
+            k.fp32_precision = value
 
 
 def _recording_net():
@@ -211,8 +204,9 @@ def _recording_net():
     return net, recorder
 
 
-def test_certification_runs_at_highest_precision_and_restores_the_callers(reduced_precision):
+def test_certification_runs_at_full_precision_and_restores_the_callers(reduced_precision):
     from bench.train import evaluate
+    assert any(v != "ieee" for v in reduced_precision)   # the caller really reduced something
     net, recorder = _recording_net()
     x = torch.randn(20, 2)
     net(x)                                                # the buggy path: a forward under the caller's settings
@@ -220,31 +214,15 @@ def test_certification_runs_at_highest_precision_and_restores_the_callers(reduce
     recorder.seen.clear()
 
     certify.predict(net, x, torch.float32, batch_size=8)
-    assert recorder.seen and all(s == ("highest", False, False) for s in recorder.seen)
-    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32) == reduced_precision
+    assert recorder.seen and all(set(s) == {"ieee"} for s in recorder.seen)
+    assert _knob_values() == reduced_precision
 
     recorder.seen.clear()
     data = DataBundle("toy", x, torch.arange(20) % 3, x.flip(0), torch.arange(20) % 3, 3, (2,))
     cfg = {"converge_tol": 1e-9, "certify_dtype": "float32", "eval_batch": 8, "cert_eps": ["0.1"]}
     evaluate(net, _Plain(cfg, 3), data, cfg, splits=("test",))
-    assert recorder.seen and all(s == ("highest", False, False) for s in recorder.seen)
-    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32) == reduced_precision
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bench.certify.exact_matmul() calls torch.get_float32_matmul_precision(), which raises on "
-                          "torch ≥ 2.9 once the caller set the precision and then allow_tf32 (legacy/new API mix)")
-def test_certification_after_mixed_precision_api_calls():
-    saved = _precision_state()
-    net, _ = _recording_net()
-    try:
-        torch.set_float32_matmul_precision("medium")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        certify.predict(net, torch.randn(4, 2), torch.float32)
-    finally:
-        _restore_precision(saved)
+    assert recorder.seen and all(set(s) == {"ieee"} for s in recorder.seen)
+    assert _knob_values() == reduced_precision
 
 
 # -- 6. a conv iterate that shrinks (no output_padding) -----------------------------------------------------------

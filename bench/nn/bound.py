@@ -190,7 +190,7 @@ class LipschitzNet(nn.Module):
         for layer in self._bounded():
             K_up = K_up * per_layer(layer).detach().cpu().double()
         rows = self._classifier_rows()
-        W = None if rows is None else rows.detach().cpu().double()
+        W = None if rows is None else rows.detach().cpu().double().clone()  # a bound never aliases live weights
         return PairwiseBound(K_up * self.input_factor, W)
 
     def certified_bound(self) -> PairwiseBound:

@@ -14,8 +14,9 @@ layers) speaks one protocol:
     for zero-padded strided convs; each family its own, stated in its docstring);
   - a block (subspace) power iteration in float64 with Rayleigh–Ritz on `POWER_BLOCK` vectors, so that a cluster
     of top singular values resolves instead of stalling the iteration. It stops when its estimate reaches the
-    guaranteed bound (gap below `gap_tol`), or when the top Ritz pair's residual and its change are both below
-    `tol`, or after `max_iter` steps. Its value approaches σ from below: it is a lower bound, never a
+    guaranteed bound (gap below `GAP_TOL`), or, after `POWER_MIN_ITER` steps, when the top two Ritz values
+    change by less than `tol` and the top Ritz pair's residual is below √tol (its value then errs by ~tol), or
+    after `max_iter` steps. A start exactly in a lower singular direction is left by the other block vectors. Its value approaches σ from below: it is a lower bound, never a
     certificate, and one above the guaranteed bound is a bug (`SoundnessError`).
   The layer's Lipschitz constants follow from the two (`layer_constants`: the norm itself by default; CPL maps
   it through its step size).
@@ -74,6 +75,8 @@ class PowerIterated:
     POWER_BLOCK = 4
     #: relative tolerance of the gap between the power estimate and the guaranteed bound that ends the iteration
     GAP_TOL = 1e-9
+    #: steps before the Ritz-value stopping rule may fire (the extra block vectors need a few to find the top)
+    POWER_MIN_ITER = 20
     #: a power estimate may exceed the guaranteed bound by this much (rounding of the Rayleigh quotient) before
     #: it is a SoundnessError
     ROUNDING_SLACK = 1e-10
@@ -155,6 +158,8 @@ class PowerIterated:
         if self._bound_key == self._weight_key() and not torch.isnan(self.sigma_bound):
             return float(self.sigma_bound)
         upper = float(self.operator_norm_bound())
+        if not math.isfinite(upper):
+            raise SoundnessError(f"{type(self).__name__}: guaranteed bound is not finite ({upper!r})")
         power = self.block_power_iteration(upper, tol=tol, max_iter=max_iter)
         if power > upper * (1.0 + self.ROUNDING_SLACK):
             raise SoundnessError(f"{type(self).__name__}: power-iteration estimate {power!r} exceeds the "
@@ -181,7 +186,8 @@ class PowerIterated:
         block_shape = (b, *shape[1:]) if len(shape) > 1 else (b, *shape)
 
         sigma, prev = 0.0, None
-        for _ in range(max_iter):
+        watched = min(2, b)
+        for it in range(max_iter):
             out = self.operator(Q.reshape(block_shape), w)
             AQ = out.reshape(b, -1)
             Y = self.adjoint(out, w).reshape(b, -1)          # AᵀA Q
@@ -194,9 +200,13 @@ class PowerIterated:
             sigma = math.sqrt(t0)
             if t0 == 0.0 or sigma >= upper / (1.0 + self.GAP_TOL):
                 break
-            if prev is not None and abs(t0 - prev) <= tol * t0 and r <= math.sqrt(tol) * t0:
+            # converged: the top *two* Ritz values stable (a near-degenerate top pair resolved, not only the
+            # pair the iterate happened to start in), the top residual small, and a minimum of steps taken
+            top = theta[:watched].clamp_min(0.0)
+            if (it >= self.POWER_MIN_ITER and prev is not None and float((top - prev).abs().max()) <= tol * t0
+                    and r <= math.sqrt(tol) * t0):
                 break
-            prev = t0
+            prev = top
             Q = _orthonormal_rows(Y)
         self.power_iterate.copy_(_unit(x).reshape(shape).to(self.power_iterate.dtype))
         return sigma

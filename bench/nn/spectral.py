@@ -82,11 +82,15 @@ def _frobenius_up(B: torch.Tensor) -> torch.Tensor:
 
 
 def _rescale(B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """B·2^{−e} with e per matrix chosen so that ‖B·2^{−e}‖_F ∈ [½, 1) (exact: a power of two). Returns (B′, e)."""
+    """B·2^{−e} with e per matrix chosen so that ‖B·2^{−e}‖_F ∈ [½, 1) (exact: powers of two). Returns (B′, e).
+    The largest entry is brought to [½, 1) first, so the Frobenius norm cannot overflow for any finite B."""
+    ones = torch.ones(B.shape[:-2], dtype=torch.float64, device=B.device)
+    m = B.abs().amax(dim=(-2, -1)).to(torch.float64) if B.numel() else ones
+    _, e1 = torch.frexp(torch.where(m > 0, m, ones))
+    B = B * torch.ldexp(ones, -e1)[..., None, None].to(B.dtype)
     f = torch.linalg.matrix_norm(B, "fro").to(torch.float64)
-    _, e = torch.frexp(torch.where(f > 0, f, torch.ones_like(f)))
-    scale = torch.ldexp(torch.ones_like(f), -e)
-    return B * scale[..., None, None].to(B.dtype), e.to(torch.float64)
+    _, e2 = torch.frexp(torch.where(f > 0, f, ones))
+    return B * torch.ldexp(ones, -e2)[..., None, None].to(B.dtype), (e1 + e2).to(torch.float64)
 
 
 def _bound_from_history(history, frob_last: torch.Tensor) -> torch.Tensor:
