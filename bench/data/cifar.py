@@ -124,7 +124,8 @@ def load_cifar(name: str, cfg: Mapping[str, object]) -> DataBundle:
         name, torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"].astype(np.int64)),
         torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"].astype(np.int64)),
         num_classes=spec["classes"], input_shape=SHAPE, domain=(0.0, 1.0), scale=255.0,
-        augment=ImageAugment(32, 4, jitter=(0.25, 0.25, 0.25), degrees=2.0), test_subsets=subsets, info=info)
+        augment=ImageAugment(32, 4, jitter=(0.25, 0.25, 0.25), degrees=2.0).configured(cfg.get("augment")),
+        test_subsets=subsets, info=info)
 
 
 #: Dataset defaults shared by the image datasets. CRA at the paper's three radii (Tables 1–2); training

@@ -153,7 +153,8 @@ def load_tinyimagenet(cfg, seed: int) -> DataBundle:
         "tinyimagenet", torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"]),
         torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"]),
         num_classes=num_classes, input_shape=SHAPE, domain=(0.0, 1.0), scale=255.0,
-        augment=ImageAugment(SIDE, 8, jitter=(0.25, 0.25, 0.25), degrees=2.0), info=info)
+        augment=ImageAugment(SIDE, 8, jitter=(0.25, 0.25, 0.25), degrees=2.0).configured(cfg.get("augment")),
+        info=info)
 
 
 load_tinyimagenet.input_shape = SHAPE

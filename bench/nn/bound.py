@@ -164,11 +164,15 @@ class LipschitzNet(nn.Module):
     def _bounded(self) -> list:
         return self._layers + ([self.classifier] if self.last_layer_one_lipschitz else [])
 
-    def converge(self, tol: float = 1e-9) -> None:
-        """Guaranteed bounds and converged power iterations of every layer (after each epoch and before any
-        certificate; cached per layer until its weights change)."""
+    def converge(self, tol: float = 1e-9, guaranteed: bool = True) -> None:
+        """Converged power iterations and (unless `guaranteed=False`; then on the first certificate) guaranteed
+        bounds of every layer, after each epoch and before any certificate; cached per layer until its weights
+        change."""
         for layer in self._bounded():
-            layer.converge(tol=tol)
+            if hasattr(layer, "power_iterate"):
+                layer.converge(tol=tol, guaranteed=guaranteed)
+            else:
+                layer.converge(tol=tol)
 
     def layer_bounds(self) -> list:
         """Each bounded layer's guaranteed Lipschitz constant (the certificate's factors), in order."""

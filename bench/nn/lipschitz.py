@@ -8,7 +8,8 @@ layers) speaks one protocol:
 * `train_bound(n_iter)`: a few warm-started power-iteration steps (no gradient), then the Rayleigh estimate
   σ = ‖W v‖ with the gradient flowing through W. This is what a loss sees during training (GloRo, CLL:
   5 steps per training step, supplement B).
-* `converge()` computes, for the current weights,
+* `converge()` computes, for the current weights (the guaranteed part on demand: the epoch-end convergence
+  during training skips it, the first certificate computes it),
   - `operator_norm_bound()`: a *guaranteed* upper bound on the norm of the layer's linear operator, computed
     deterministically (bench/nn/spectral.py: Gram iteration for dense matrices, the polyphase circular embedding
     for zero-padded strided convs; each family its own, stated in its docstring);
@@ -151,25 +152,41 @@ class PowerIterated:
         return norm_upper, norm_power
 
     @torch.no_grad()
-    def converge(self, tol: float = 1e-9, max_iter: int = 20_000) -> float:
-        """Guaranteed bound and block power iteration for the current weights; returns the guaranteed constant.
-        Cached until the weights change."""
+    def converge(self, tol: float = 1e-9, max_iter: int = 20_000, guaranteed: bool = True) -> float:
+        """Converged power iteration for the current weights and, unless `guaranteed=False`, the guaranteed
+        bound (otherwise computed when a certificate first asks for it). Returns the guaranteed constant (the
+        power one with `guaranteed=False`). Both are cached until the weights change."""
         self._require_iterate()
-        if self._bound_key == self._weight_key() and not torch.isnan(self.sigma_bound):
-            return float(self.sigma_bound)
+        if self._bound_key != self._weight_key() or torch.isnan(self.sigma_power):
+            self.sigma_bound.fill_(float("nan"))
+            upper = self._compute_guaranteed_norm() if guaranteed else math.inf
+            power = self.block_power_iteration(upper, tol=tol, max_iter=max_iter)
+            self.norm_power = power
+            self.sigma_power.fill_(self.layer_constants(power, power)[1])
+            self._bound_key = self._weight_key()  # after layer_constants: a family may store what eval uses
+            if guaranteed:
+                self._set_guaranteed(upper)
+        return float(self._guaranteed()) if guaranteed else float(self.sigma_power)
+
+    def _compute_guaranteed_norm(self) -> float:
         upper = float(self.operator_norm_bound())
         if not math.isfinite(upper):
             raise SoundnessError(f"{type(self).__name__}: guaranteed bound is not finite ({upper!r})")
-        power = self.block_power_iteration(upper, tol=tol, max_iter=max_iter)
-        if power > upper * (1.0 + self.ROUNDING_SLACK):
-            raise SoundnessError(f"{type(self).__name__}: power-iteration estimate {power!r} exceeds the "
-                                 f"guaranteed bound {upper!r}")
-        bound, power_bound = self.layer_constants(upper, power)
-        self.sigma_bound.fill_(bound)
-        self.sigma_power.fill_(power_bound)
-        self.norm_upper, self.norm_power = upper, power
-        self._bound_key = self._weight_key()
-        return bound
+        return upper
+
+    def _set_guaranteed(self, upper: float) -> None:
+        if self.norm_power > upper * (1.0 + self.ROUNDING_SLACK):
+            raise SoundnessError(f"{type(self).__name__}: power-iteration estimate {self.norm_power!r} exceeds "
+                                 f"the guaranteed bound {upper!r}")
+        self.norm_upper = upper
+        self.sigma_bound.fill_(self.layer_constants(upper, self.norm_power)[0])
+
+    def _guaranteed(self) -> torch.Tensor:
+        if torch.isnan(self.sigma_bound):
+            self._set_guaranteed(self._compute_guaranteed_norm())
+            if self._bound_key != self._weight_key():  # layer_constants must not change what the bound rests on
+                raise SoundnessError(f"{type(self).__name__}: the guaranteed bound changed the layer's state")
+        return self.sigma_bound
 
     @torch.no_grad()
     def block_power_iteration(self, upper: float = math.inf, tol: float = 1e-9, max_iter: int = 20_000) -> float:
@@ -216,14 +233,15 @@ class PowerIterated:
         return v
 
     def _check_fresh(self) -> None:
-        if self._bound_key is None or self._bound_key != self._weight_key() or torch.isnan(self.sigma_bound):
+        if self._bound_key is None or self._bound_key != self._weight_key() or torch.isnan(self.sigma_power):
             raise UnconvergedBoundError(
                 f"{type(self).__name__}: the spectral-norm bound is stale; call converge() before certifying")
 
     def certified_bound(self) -> torch.Tensor:
-        """The guaranteed float64 Lipschitz constant; raises if the weights changed since `converge()`."""
+        """The guaranteed float64 Lipschitz constant (computed on first use after `converge()`); raises if the
+        weights changed since `converge()`."""
         self._check_fresh()
-        return self.sigma_bound
+        return self._guaranteed()
 
     def power_bound(self) -> torch.Tensor:
         """The converged power-iteration constant (the paper's way; from below, not a certificate)."""

@@ -74,21 +74,31 @@ def _gamma(inner: int) -> float:
     return 2.0 * (inner + 4) * UNIT_ROUNDOFF
 
 
+def _real_view(B: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
+    """B as real numbers ([..., m, n, 2] for complex: norms there are far faster on CPU) and its matrix dims."""
+    return (torch.view_as_real(B), (-3, -2, -1)) if B.is_complex() else (B, (-2, -1))
+
+
+def _frobenius(B: torch.Tensor) -> torch.Tensor:
+    R, dims = _real_view(B)
+    return torch.linalg.vector_norm(R, dim=dims).to(torch.float64)
+
+
 def _frobenius_up(B: torch.Tensor) -> torch.Tensor:
     """‖B‖_F per matrix of a batch [..., m, n], inflated by its own rounding allowance (float64)."""
-    n = B.shape[-1] * B.shape[-2]
-    f = torch.linalg.matrix_norm(B, "fro").to(torch.float64)
-    return f * (1.0 + 2.0 * (n + 2) * UNIT_ROUNDOFF)
+    n = B.shape[-1] * B.shape[-2] * (2 if B.is_complex() else 1)
+    return _frobenius(B) * (1.0 + 2.0 * (n + 2) * UNIT_ROUNDOFF)
 
 
 def _rescale(B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """B·2^{−e} with e per matrix chosen so that ‖B·2^{−e}‖_F ∈ [½, 1) (exact: powers of two). Returns (B′, e).
     The largest entry is brought to [½, 1) first, so the Frobenius norm cannot overflow for any finite B."""
     ones = torch.ones(B.shape[:-2], dtype=torch.float64, device=B.device)
-    m = B.abs().amax(dim=(-2, -1)).to(torch.float64) if B.numel() else ones
+    R, dims = _real_view(B)   # the largest real or imaginary part: within √2 of the largest modulus
+    m = R.abs().amax(dim=dims).to(torch.float64) if B.numel() else ones
     _, e1 = torch.frexp(torch.where(m > 0, m, ones))
     B = B * torch.ldexp(ones, -e1)[..., None, None].to(B.dtype)
-    f = torch.linalg.matrix_norm(B, "fro").to(torch.float64)
+    f = _frobenius(B)
     _, e2 = torch.frexp(torch.where(f > 0, f, ones))
     return B * torch.ldexp(ones, -e2)[..., None, None].to(B.dtype), (e1 + e2).to(torch.float64)
 
