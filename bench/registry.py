@@ -59,7 +59,7 @@ register_method = METHODS.register
 register_arch = ARCHS.register
 register_dataset = DATASETS.register
 
-_PLUGIN_MODULES = ("methods", "bench.nn.archs", "bench.data")
+_PLUGIN_MODULES = ("methods", "bench.nn.archs", "bench.nn.families", "bench.data")
 _loaded = False
 
 

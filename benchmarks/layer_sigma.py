@@ -4,7 +4,7 @@
    inputs for the others), fresh and after 10 Adam steps that try to blow the layer up, next to the bound the
    certificate multiplies in. SOC is measured in eval (12 Taylor terms) and in train mode (5 terms).
 2. Conformance: the largest deviation of lipbench's SOC and CPL layers from the official outputs stored in
-   ../shared/fixtures (set LIPBENCH_SHARED to point elsewhere).
+   tests/fixtures (loaded by bench/conformance.py).
 3. Parameter counts of the LipConv and CPL architectures (shape-only construction, no memory).
 
     python benchmarks/layer_sigma.py [--skip-conformance]
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.nn.bound import NormalizedLinear  # noqa: E402
 from bench.nn.verify import adversarial_steps, autograd_jacobians, impulse_jacobian, spectral_norm  # noqa: E402
-from methods import cpl, soc  # noqa: E402
+from bench.nn.families import cpl, soc  # noqa: E402
 
 Row = Tuple[str, str, float, float, str]
 
@@ -97,7 +97,7 @@ def sigma_table() -> List[Row]:
 
 
 def conformance_table() -> List[Tuple[str, str, float]]:
-    from tests import official
+    from bench import conformance as official
     t64 = official.t64
     out = []
     for case in sorted(official.SOC_CASES):
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     for name, phase, sigma, bound, what in sigma_table():
         print(f"| {name} | {phase} | {sigma:.9f} | {bound:.9f} | {what} |")
     if not args.skip_conformance:
-        print("\n## Deviation from the official implementations (../shared/fixtures)\n")
+        print("\n## Deviation from the official implementations (tests/fixtures)\n")
         print("| case | quantity | deviation |")
         print("|---|---|---|")
         for case, what, dev in conformance_table():

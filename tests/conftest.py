@@ -22,7 +22,6 @@ def real_cifar10():
 
 
 def fixture(name: str) -> dict:
-    """Load a conformance case from ../shared/fixtures (numbers from the official implementations)."""
-    if not FIXTURES.exists():
-        pytest.skip(f"conformance fixtures not found at {FIXTURES} (set LIPBENCH_SHARED)")
+    """Load a conformance case from tests/fixtures (numbers from the official implementations). The fixtures
+    ship with the repository: a missing one is a failure, never a skip."""
     return load_fixture(name)

@@ -151,9 +151,8 @@ def test_suite_file_and_bad_input(run_copy, tmp_path, capsys):
 
 def test_layers_of_every_family_are_checked_exactly():
     """SOC, CPL and strided conv layers: exact norms from their operators, below the guaranteed bounds."""
-    import methods  # noqa: F401  (registers the families)
-    from methods.cpl import ConvexPotentialConv, ConvexPotentialLinear, CPLNet
-    from methods.soc import MaxMinHalves, SkewOrthogonalConv, SOCHead
+    from bench.nn.families.cpl import ConvexPotentialConv, ConvexPotentialLinear, CPLNet
+    from bench.nn.families.soc import MaxMinHalves, SkewOrthogonalConv, SOCHead
 
     from bench.nn.bound import LipschitzNet
     from bench.nn.families.common import Truncate

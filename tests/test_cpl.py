@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from bench.nn.lipschitz import UnconvergedBoundError
 from bench.nn.verify import adversarial_steps, autograd_jacobians, impulse_jacobian
 from bench.optim import make_lr_scheduler, triangular_factor
-from methods import cpl
+from bench.nn.families import cpl
+from methods import cpl as cpl_method
 from tests import official
 from tests.conftest import fixture, t64
 
 @pytest.mark.parametrize("case", sorted(official.CPL_CASES))
 def test_conformance_with_official_cpl(case):
-    fixture(case)  # skips when ../shared/fixtures is absent
+    fixture(case)  # skips when tests/fixtures is absent
     layer, z = official.cpl_layer(case)
     kind = official.CPL_CASES[case][0]
     x = t64(z["x"])
@@ -148,7 +149,7 @@ def test_glue_layers_are_one_lipschitz():
 def test_hinge_loss_is_the_official_margin_loss():
     torch.manual_seed(14)
     z, y = torch.randn(7, 10), torch.randint(0, 10, (7,))
-    method = cpl.CPL({"margin": 0.7, "eps": 0.1}, 10)
+    method = cpl_method.CPL({"margin": 0.7, "eps": 0.1}, 10)
     loss, _ = method.loss(z, y, None, 0.0)
     zy = z.gather(1, y[:, None])
     terms = F.relu(0.7 - zy + z).masked_fill(F.one_hot(y, 10).bool(), 0.0)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from bench.nn.lipschitz import LipConv2d, LipLinear
 from bench.nn.spectral import conv_norm_bound, gram_norm_bound, max_gram_norm_bound
 from bench.nn.verify import adversarial_steps, autograd_jacobians, impulse_jacobian
-from methods import cpl, soc
+from bench.nn.families import cpl, soc
 
 PHASES = ("random", "after 10 adversarial steps")
 

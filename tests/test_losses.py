@@ -1,4 +1,4 @@
-"""CLL and GloRo against their definitions and against the official code's outputs (../shared/fixtures)."""
+"""CLL and GloRo against their definitions and against the official code's outputs (tests/fixtures)."""
 import math
 
 import numpy as np

@@ -13,7 +13,7 @@ from bench.config import resolve
 from bench.data.base import DataBundle
 from bench.registry import ARCHS, DATASETS
 from bench.train import train_run
-from methods import cpl, soc
+from bench.nn.families import cpl, soc
 
 SHAPE = (3, 32, 32)
 

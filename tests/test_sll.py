@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import methods.sll as sll_method
 from bench.nn.families import sll
+from bench.nn.families.common import FlattenLinear
 from bench.nn.lipschitz import UnconvergedBoundError
 from bench.nn.verify import adversarial_steps, autograd_jacobians, impulse_jacobian
 from tests.conftest import fixture, t64
@@ -203,7 +204,7 @@ def test_heads_and_training_bound():
     trunc = small_net(head="trunc")
     assert trunc.last_layer_one_lipschitz and trunc.bound().W is None
     linear = small_net(head="linear")
-    assert type(linear.classifier) is torch.nn.Linear
+    assert type(linear.classifier) is FlattenLinear and not linear.last_layer_one_lipschitz  # unconstrained rows
     b = small_net().bound()
     assert float(b.K_up) == 1.0 and b.K_up.grad_fn is None   # trains with its nominal constant
 

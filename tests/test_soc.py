@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from bench.nn.bound import LipschitzNet, NormalizedLinear, PairwiseBound
 from bench.nn.lipschitz import UnconvergedBoundError
 from bench.nn.verify import adversarial_steps, impulse_jacobian
-from methods import soc
+from bench.nn.families import soc
+from methods import soc as soc_method
 from tests import official
 from tests.conftest import fixture, t64
 
 @pytest.mark.parametrize("case", sorted(official.SOC_CASES))
 def test_conformance_with_official_soc(case):
-    fixture(case)  # skips when ../shared/fixtures is absent
+    fixture(case)  # skips when tests/fixtures is absent
     layer, z = official.soc_layer(case)
     layer.eval()
     x = t64(z["x"])
@@ -222,7 +223,7 @@ def test_cr_loss_matches_official_certificates(head):
     L = net.input_factor  # 1/0.2507 (of the float32 std)
     assert L == pytest.approx(1 / 0.2507, rel=1e-7)
     bound = net.bound()
-    cert = soc.label_certificates(z, y, bound, 10)
+    cert = soc_method.label_certificates(z, y, bound, 10)
     if head == "soc":  # ortho_certificates: (z_y − max_{j≠y} z_j)/(√2·L)
         other = z.masked_fill(F.one_hot(y, 10).bool(), -1e9).amax(1)
         expected = (z.gather(1, y[:, None])[:, 0] - other) / (math.sqrt(2) * L)
@@ -231,7 +232,7 @@ def test_cr_loss_matches_official_certificates(head):
         d = (W[y][:, None] - W[None]).norm(dim=2) + F.one_hot(y, 10)
         expected = ((z.gather(1, y[:, None]) - (z - 1e6 * F.one_hot(y, 10))) / (d * L)).amin(1)
     assert torch.allclose(cert, expected, rtol=1e-10)
-    method = soc.SOC({"gamma": 0.3, "eps": 0.1}, 10)
+    method = soc_method.SOC({"gamma": 0.3, "eps": 0.1}, 10)
     loss, _ = method.loss(z, y, bound, 0.0)
     expected_loss = F.cross_entropy(z, y) - 0.3 * F.relu(expected).mean()
     assert float(loss.detach()) == pytest.approx(float(expected_loss.detach()), rel=1e-10)

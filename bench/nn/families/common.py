@@ -1,10 +1,15 @@
 """Building blocks several layer families share: channel padding, the 4×4 sum-pool and the truncation head
-(CPL, SLL and Sandwich use them as the official codes do)."""
+(CPL, SLL and Sandwich use them as the official codes do), and the one head builder every family's network uses
+(`make_head`: LLN, an unconstrained linear layer, or the family's own 1-Lipschitz head)."""
 from __future__ import annotations
+
+from typing import Callable, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bench.nn.bound import NormalizedLinear
 
 
 class ChannelPad(nn.Module):
@@ -50,3 +55,36 @@ class Truncate(nn.Module):
         return torch.ones((), dtype=torch.float64)
 
     power_bound = certified_bound
+
+
+def truncate_head(in_features: int, num_classes: int) -> Truncate:
+    """The truncation head for `in_features` features (CPL's and SLL's "trunc")."""
+    if num_classes > in_features:
+        raise ValueError(f"truncation needs at least {num_classes} features, got {in_features}")
+    return Truncate(num_classes)
+
+
+class FlattenLinear(nn.Linear):
+    """The unconstrained last layer (the reference paper's CLL runs): z = W·flatten(x) + b. Its rows `.weight`
+    give the exact pairwise constant ‖W_i − W_j‖ (bench/nn/bound.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.flatten(1), self.weight, self.bias)
+
+
+#: the heads every family offers besides its own 1-Lipschitz ones
+SHARED_HEADS = ("lln", "linear")
+
+
+def make_head(kind: str, in_features: int, num_classes: int,
+              own: Mapping[str, Callable[[int, int], nn.Module]], family: str) -> Tuple[nn.Module, bool]:
+    """(classifier, last_layer_one_lipschitz) for head `kind`: "lln" (NormalizedLinear, pairwise ‖ŵ_i − ŵ_j‖),
+    "linear" (FlattenLinear, pairwise ‖W_i − W_j‖), or one of the family's own 1-Lipschitz heads `own`
+    (name → factory(in_features, num_classes): CPL/SLL "trunc", SOC "soc", Sandwich "lin"), certified with √2."""
+    if kind in own:
+        return own[kind](in_features, num_classes), True
+    if kind == "lln":
+        return NormalizedLinear(in_features, num_classes), False
+    if kind == "linear":
+        return FlattenLinear(in_features, num_classes), False
+    raise ValueError(f"unknown {family} head {kind!r}; use {', '.join([*own, *SHARED_HEADS])}")

@@ -107,7 +107,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.nn.archs import register_spec_arch
-from bench.nn.bound import LipschitzNet, NormalizedLinear, PairwiseBound
+from bench.nn.bound import LipschitzNet, PairwiseBound
+from bench.nn.families.common import SHARED_HEADS, make_head
 from bench.nn.lipschitz import PowerIterated
 from bench.nn.spectral import UNIT_ROUNDOFF, dense_norm_bound, gram_norm_bound
 
@@ -557,9 +558,10 @@ def sandwich_modules(input_shape: Sequence[int], num_classes: int, head: str = "
         if h not in DNN_CONVS:
             raise ValueError(f"the official DNN is defined for 32×32 and 64×64 inputs, got {h}×{w}")
         convs = DNN_CONVS[h]
-    if head not in ("lln", "lin", "linear"):
-        raise ValueError(f"unknown Sandwich head {head!r}; use lln, lin or linear")
     g = math.sqrt(gamma)
+    own = {"lin": lambda width, classes: SandwichLin(width, classes, scale=g)}
+    if head not in own and head not in SHARED_HEADS:
+        raise ValueError(f"unknown Sandwich head {head!r}; use lln, lin or linear")
     layers, cin, size = [], c, h
     for i, (cout, stride) in enumerate(convs):
         if size % stride:
@@ -573,11 +575,8 @@ def sandwich_modules(input_shape: Sequence[int], num_classes: int, head: str = "
         last = j == len(fcs) - 1
         layers.append(SandwichFc(width, out, scale=g if (last and head == "lln") else 1.0))
         width = out
-    if head == "lln":
-        return nn.Sequential(*layers), NormalizedLinear(width, num_classes), False
-    if head == "lin":
-        return nn.Sequential(*layers), SandwichLin(width, num_classes, scale=g), True
-    return nn.Sequential(*layers), nn.Linear(width, num_classes), False
+    classifier, one_lip = make_head(head, width, num_classes, own, "Sandwich")
+    return nn.Sequential(*layers), classifier, one_lip
 
 
 def build_sandwich(input_shape, num_classes, normalize=None, gamma: float = 1.0, **spec) -> SandwichNet:

@@ -107,8 +107,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.nn.archs import register_spec_arch
-from bench.nn.bound import LipschitzNet, NormalizedLinear
-from bench.nn.families.common import ChannelPad, SumPool, Truncate
+from bench.nn.bound import LipschitzNet
+from bench.nn.families.common import ChannelPad, SumPool, make_head, truncate_head
 from bench.nn.lipschitz import PowerIterated
 from bench.nn.spectral import _frobenius_up, _gamma, conv_norm_bound, dense_norm_bound
 
@@ -456,15 +456,8 @@ def sll_modules(input_shape: Sequence[int], num_classes: int, n_conv: int, n_den
     flat = w * (h // 4) * (wd // 4)
     layers = [ChannelPad(w)] + [SLLConv(w, conv_inner, variant=variant) for _ in range(n_conv)]
     layers += [SumPool(), nn.Flatten()] + [SLLLinear(flat, dense_inner, variant=variant) for _ in range(n_dense)]
-    if head == "trunc":
-        if num_classes > flat:
-            raise ValueError(f"truncation needs at least {num_classes} features, got {flat}")
-        return nn.Sequential(*layers), Truncate(num_classes), True
-    if head == "lln":
-        return nn.Sequential(*layers), NormalizedLinear(flat, num_classes), False
-    if head == "linear":
-        return nn.Sequential(*layers), nn.Linear(flat, num_classes), False
-    raise ValueError(f"unknown SLL head {head!r}; use lln, trunc or linear")
+    classifier, one_lip = make_head(head, flat, num_classes, {"trunc": truncate_head}, "SLL")
+    return nn.Sequential(*layers), classifier, one_lip
 
 
 def build_sll(input_shape, num_classes, normalize=None, **spec) -> SLLNet:
