@@ -173,8 +173,10 @@ class PrecisionRecorder(nn.Module):
 
 
 class _Plain(Method):
+    """A method for certification only (evaluate never trains, so its loss is never called)."""
+
     def loss(self, logits, y, bound, progress):
-        raise NotImplementedError
+        return torch.nn.functional.cross_entropy(logits, y), {}
 
 
 def _knob_values():

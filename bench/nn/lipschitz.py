@@ -31,6 +31,7 @@ official CLL code omits it, shrinks the iterate for 3×3 stride-2 convs and unde
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 from typing import Tuple
@@ -61,7 +62,7 @@ def _orthonormal_rows(V: torch.Tensor) -> torch.Tensor:
     return Q.T
 
 
-class PowerIterated:
+class PowerIterated(metaclass=abc.ABCMeta):
     """Mixin: guaranteed bound + power iteration for the linear part (bias ignored) of a layer.
 
     Subclasses define operator(v, weight) and adjoint(u, weight) (batched over the leading axis of v),
@@ -143,9 +144,9 @@ class PowerIterated:
             digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
+    @abc.abstractmethod
     def operator_norm_bound(self) -> float:
         """A guaranteed upper bound on the spectral norm of the layer's linear operator (float64)."""
-        raise NotImplementedError(f"{type(self).__name__} must state its guaranteed bound")
 
     def layer_constants(self, norm_upper: float, norm_power: float) -> Tuple[float, float]:
         """(guaranteed, power-iteration) Lipschitz constants of the layer from the two operator norms."""

@@ -3,7 +3,7 @@
 (`make_head`: LLN, an unconstrained linear layer, or the family's own 1-Lipschitz head)."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Tuple
+from typing import Callable, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -88,3 +88,20 @@ def make_head(kind: str, in_features: int, num_classes: int,
     if kind == "linear":
         return FlattenLinear(in_features, num_classes), False
     raise ValueError(f"unknown {family} head {kind!r}; use {', '.join([*own, *SHARED_HEADS])}")
+
+
+def padded_residual_stack(input_shape: Sequence[int], family: str, channels: int, conv_layer: Callable[[], nn.Module],
+                          depth: int, dense_layer: Callable[[int], nn.Module], depth_dense: int) -> Tuple[nn.Sequential, int]:
+    """The network layout of the official CPL and SLL codes: zero-pad the input channels to `channels`, `depth`
+    conv layers at full resolution, a 4×4 sum-pool, flatten, `depth_dense` dense layers on the flattened
+    features. Returns (features, flattened width) for the head."""
+    if len(input_shape) != 3:
+        raise ValueError(f"the {family} network needs images (C, H, W), got input shape {tuple(input_shape)}")
+    c, h, w = input_shape
+    if channels < c or h % 4 or w % 4:
+        raise ValueError(f"{family} pads {c} channels up to {channels} and sum-pools 4×4: got input "
+                         f"{tuple(input_shape)}")
+    flat = channels * (h // 4) * (w // 4)
+    layers = [ChannelPad(channels)] + [conv_layer() for _ in range(depth)]
+    layers += [SumPool(), nn.Flatten()] + [dense_layer(flat) for _ in range(depth_dense)]
+    return nn.Sequential(*layers), flat

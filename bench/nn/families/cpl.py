@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from bench.nn.archs import register_spec_arch
 from bench.nn.bound import LipschitzNet
-from bench.nn.families.common import ChannelPad, SumPool, Truncate, make_head, truncate_head
+from bench.nn.families.common import ChannelPad, SumPool, Truncate, make_head, padded_residual_stack, truncate_head
 from bench.nn.lipschitz import PowerIterated
 from bench.nn.spectral import conv_norm_bound, dense_norm_bound
 
@@ -202,16 +202,10 @@ CPL_SIZES = {  # depth, channels, depth_linear, n_features (see the module docst
 def cpl_modules(input_shape: Sequence[int], num_classes: int, depth: int, channels: int, depth_linear: int,
                 n_features: int, inner: int = 5, head: str = "trunc"):
     """(features, classifier, last_layer_one_lipschitz) of `ConvexPotentialLayerNetwork`."""
-    if len(input_shape) != 3:
-        raise ValueError(f"the CPL network needs images (C, H, W), got input shape {tuple(input_shape)}")
-    c, h, w = input_shape
-    if channels < c or h % 4 or w % 4:
-        raise ValueError(f"CPL pads {c} channels up to {channels} and sum-pools 4×4: got input {tuple(input_shape)}")
-    flat = channels * (h // 4) * (w // 4)
-    layers = [ChannelPad(channels)] + [ConvexPotentialConv(channels, inner) for _ in range(depth)]
-    layers += [SumPool(), nn.Flatten()] + [ConvexPotentialLinear(flat, n_features) for _ in range(depth_linear)]
+    features, flat = padded_residual_stack(input_shape, "CPL", channels, lambda: ConvexPotentialConv(channels, inner),
+                                           depth, lambda f: ConvexPotentialLinear(f, n_features), depth_linear)
     classifier, one_lip = make_head(head, flat, num_classes, {"trunc": truncate_head}, "CPL")
-    return nn.Sequential(*layers), classifier, one_lip
+    return features, classifier, one_lip
 
 
 def build_cpl(input_shape, num_classes, normalize=None, **spec) -> CPLNet:

@@ -99,6 +99,7 @@ official `train.py` counts them (before the first forward, so without the conv �
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -202,8 +203,9 @@ class _SandwichBase(PowerIterated, nn.Module):
         self.deviation_bound = math.nan
 
     # -- Q ----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _compute_q(self, weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer's row-orthonormal Q (or its per-frequency stack) from the free weight and α."""
 
     def _cached_q(self, weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """Q for (weight, α) without gradient: the cached one if it was computed from exactly these bits, else

@@ -98,6 +98,7 @@ Almost all parameters are in the dense layers.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -108,7 +109,7 @@ import torch.nn.functional as F
 
 from bench.nn.archs import register_spec_arch
 from bench.nn.bound import LipschitzNet
-from bench.nn.families.common import ChannelPad, SumPool, make_head, truncate_head
+from bench.nn.families.common import make_head, padded_residual_stack, truncate_head
 from bench.nn.lipschitz import PowerIterated
 from bench.nn.spectral import _frobenius_up, _gamma, conv_norm_bound, dense_norm_bound
 
@@ -164,9 +165,9 @@ class SLLLayer(PowerIterated, nn.Module):
         self._init_power_iteration()
 
     # -- the layer ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def gram(self, weight: torch.Tensor) -> torch.Tensor:
         """W Wᵀ (dense) or K⋆K (conv) as the official `compute_t` forms it."""
-        raise NotImplementedError
 
     def denominators(self, weight: torch.Tensor) -> torch.Tensor:
         """t (current) or t′ (paper) per inner unit, as the official code computes it."""
@@ -275,9 +276,9 @@ class SLLLayer(PowerIterated, nn.Module):
             s = torch.where(zero_row, torch.zeros_like(s), s)
         return s
 
+    @abc.abstractmethod
     def _gram_exact_dot(self, w: torch.Tensor):
         """(G, L): the Gram quantity by dot products of length ≤ L (float64)."""
-        raise NotImplementedError
 
     def operator_norm_bound(self) -> float:
         """ū ≥ ‖S W‖ (module docstring, step 4)."""
@@ -448,16 +449,10 @@ HEADS = {"": "lln", "-trunc": "trunc", "-linear": "linear"}
 def sll_modules(input_shape: Sequence[int], num_classes: int, n_conv: int, n_dense: int, w: int,
                 dense_inner: int, conv_inner: int = 5, head: str = "lln", variant: str = "current"):
     """(features, classifier, last_layer_one_lipschitz) of the official `LipschitzNetwork` for this input shape."""
-    if len(input_shape) != 3:
-        raise ValueError(f"the SLL network needs images (C, H, W), got input shape {tuple(input_shape)}")
-    c, h, wd = input_shape
-    if w < c or h % 4 or wd % 4:
-        raise ValueError(f"SLL pads {c} channels up to {w} and sum-pools 4×4: got input {tuple(input_shape)}")
-    flat = w * (h // 4) * (wd // 4)
-    layers = [ChannelPad(w)] + [SLLConv(w, conv_inner, variant=variant) for _ in range(n_conv)]
-    layers += [SumPool(), nn.Flatten()] + [SLLLinear(flat, dense_inner, variant=variant) for _ in range(n_dense)]
+    features, flat = padded_residual_stack(input_shape, "SLL", w, lambda: SLLConv(w, conv_inner, variant=variant),
+                                           n_conv, lambda f: SLLLinear(f, dense_inner, variant=variant), n_dense)
     classifier, one_lip = make_head(head, flat, num_classes, {"trunc": truncate_head}, "SLL")
-    return nn.Sequential(*layers), classifier, one_lip
+    return features, classifier, one_lip
 
 
 def build_sll(input_shape, num_classes, normalize=None, **spec) -> SLLNet:
