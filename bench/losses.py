@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bench.method import Method
+
 OFFSET_U = 1.5 * math.sqrt(2.0)
 TEMPERATURE_T = 0.25
 
@@ -25,3 +27,19 @@ def offset_cross_entropy(logits: torch.Tensor, y: torch.Tensor, offset: float = 
     """t · CE((z − u·onehot(y))/t, y), averaged over the batch."""
     shifted = logits - offset * F.one_hot(y, logits.shape[-1]).to(logits.dtype)
     return temperature * F.cross_entropy(shifted / temperature, y)
+
+
+class OffsetCrossEntropyMethod(Method):
+    """A method whose loss is the offset cross-entropy (SLL, LBDN): hyperparameters `offset` (u) and
+    `temperature` (t). Subclasses add their recipes. No scalars are logged (a float() per step would sync the
+    device; the engine logs the loss)."""
+
+    hparams = {"offset": OFFSET_U, "temperature": TEMPERATURE_T}
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        self.offset = float(cfg["offset"])
+        self.temperature = float(cfg["temperature"])
+
+    def loss(self, logits, y, bound, progress):
+        return offset_cross_entropy(logits, y, self.offset, self.temperature), {}

@@ -30,8 +30,7 @@ alike (padding 4 on Tiny-ImageNet too), no rotation: the `augment` mapping below
 """
 from __future__ import annotations
 
-from bench.losses import OFFSET_U, TEMPERATURE_T, offset_cross_entropy
-from bench.method import Method
+from bench.losses import OFFSET_U, TEMPERATURE_T, OffsetCrossEntropyMethod
 from bench.nn.families import sandwich  # noqa: F401  (registers the sandwich architectures)
 from bench.registry import register_method
 
@@ -54,7 +53,7 @@ _LBDN_CERTIFIED = {
 
 
 @register_method("lbdn")
-class LBDN(Method):
+class LBDN(OffsetCrossEntropyMethod):
     hparams = {
         "eps": 36 / 255,             # only the radius CRA is reported at when cert_eps names "eps"
         "offset": OFFSET_U,          # u = √2·1.5 of the official Xent (config.offset = 1.5, times √2 inside)
@@ -65,11 +64,3 @@ class LBDN(Method):
     certificate = ("sound: f_j − f_i > ε·K_ji, K = L·∏ Sandwich layer bounds (1 + proven floating-point allowance) × "
                    "(‖ŵ_j − ŵ_i‖ with LLN, √2 with SandwichLin); published: every layer = 1, K scaled by γ")
 
-    def __init__(self, cfg, num_classes):
-        super().__init__(cfg, num_classes)
-        self.offset = float(cfg["offset"])
-        self.temperature = float(cfg["temperature"])
-
-    def loss(self, logits, y, bound, progress):
-        # no logged scalars: a float() here would sync the device every step (the engine logs the loss)
-        return offset_cross_entropy(logits, y, self.offset, self.temperature), {}

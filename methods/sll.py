@@ -28,8 +28,7 @@ up to rounding allowances, max(1, 2ū² − 1) in general) × ‖ŵ_j − ŵ_i�
 """
 from __future__ import annotations
 
-from bench.losses import OFFSET_U, TEMPERATURE_T, offset_cross_entropy
-from bench.method import Method
+from bench.losses import OFFSET_U, TEMPERATURE_T, OffsetCrossEntropyMethod
 from bench.nn.families import sll as _sll_family  # noqa: F401  (registers the sll-* architectures)
 from bench.registry import register_method
 
@@ -53,7 +52,7 @@ SLL_MEANS = {
 
 
 @register_method("sll")
-class SLL(Method):
+class SLL(OffsetCrossEntropyMethod):
     hparams = {
         "eps": 36 / 255,            # only the radius CRA is reported at when cert_eps names "eps"
         "offset": OFFSET_U,         # u of the offset cross-entropy (official --offset, 3√2/2)
@@ -66,11 +65,3 @@ class SLL(Method):
     certificate = ("sound: f_j − f_i > ε·K_ji, K = L·∏ max(1, 2ū² − 1) (ū ≥ ‖T^{-1/2}W‖ guaranteed) × "
                    "(‖ŵ_j − ŵ_i‖ with LLN, √2 truncated, ‖W_j − W_i‖ unconstrained); published: every layer = 1")
 
-    def __init__(self, cfg, num_classes):
-        super().__init__(cfg, num_classes)
-        self.offset = float(cfg["offset"])
-        self.temperature = float(cfg["temperature"])
-
-    def loss(self, logits, y, bound, progress):
-        loss = offset_cross_entropy(logits, y, self.offset, self.temperature)
-        return loss, {"xent": float(loss.detach())}

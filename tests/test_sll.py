@@ -218,7 +218,7 @@ def test_loss_is_the_offset_cross_entropy():
     shifted = (z - u * F.one_hot(y, 10).double()) / t
     hand = t * (torch.logsumexp(shifted, 1) - shifted.gather(1, y[:, None])[:, 0]).mean()
     assert float(loss) == pytest.approx(float(hand), rel=1e-12)
-    assert logs["xent"] == pytest.approx(float(hand), rel=1e-12)
+    assert logs == {}  # nothing read on the host per step
 
 
 def test_recipe_aliases_and_augmentation():
