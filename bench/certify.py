@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from fractions import Fraction
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -202,7 +202,3 @@ def l2_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                     delta = (x + delta).clamp(*domain) - x
                 broken |= model(x + delta).argmax(dim=1) != y
     return broken
-
-
-def iter_eps(names: Iterable[str]) -> Dict[str, float]:
-    return {str(n): parse_eps(n) for n in names}

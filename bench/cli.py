@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train and certify seeds 1..N of one configuration")
-    run.add_argument("--method", required=True)
-    run.add_argument("--arch", required=True)
+    run.add_argument("--method", required=True, help="method name (`bench list`), e.g. cll, gloro, soc, cpl, sll, lbdn")
+    run.add_argument("--arch", required=True,
+                     help="architecture name (`bench list`); a method may alias short names (cll: xl = CPL-XL)")
     run.add_argument("--dataset", help="dataset (default: the architecture's, e.g. moons for moons-mlp, "
                                         "cifar10 for 4c3f and the CPL/SOC/SLL nets)")
     run.add_argument("--seeds", type=int, default=1, help="train seeds 1..N")
@@ -42,26 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     suite = sub.add_parser("suite", help="run a suite (suites/NAME.yaml), then print and write its table")
     suite.add_argument("name", help="suite name (suites/NAME.yaml) or a path to a YAML file")
     suite.add_argument("--seeds", type=int, help="override the suite's seed count")
-    suite.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    suite.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                       help="train here (default) or submit a Slurm array through submitit")
     suite.add_argument("--partition", help="Slurm partition")
     suite.add_argument("--time", default="6:00:00", help="Slurm time limit per run (requeued when exceeded)")
     suite.add_argument("--max-parallel", type=int, default=16, help="Slurm array tasks running at once")
-    suite.add_argument("--gpus-per-task", type=int, default=1)
-    suite.add_argument("--cpus-per-task", type=int, default=8)
-    suite.add_argument("--mem-gb", type=int, default=32)
+    suite.add_argument("--gpus-per-task", type=int, default=1, help="Slurm: GPUs per array task (default 1)")
+    suite.add_argument("--cpus-per-task", type=int, default=8, help="Slurm: CPUs per array task (default 8)")
+    suite.add_argument("--mem-gb", type=int, default=32, help="Slurm: memory per array task in GiB (default 32)")
     suite.add_argument("--dry-run", action="store_true", help="print what would be submitted")
     suite.add_argument("--runs-per-gpu", type=int, default=1, help="local: runs sharing one GPU")
     _add_common(suite)
 
     status = sub.add_parser("status", help="done, running, diverged, partial and missing runs of a suite")
-    status.add_argument("name")
-    status.add_argument("--results", default="results")
+    status.add_argument("name", help="suite name (suites/NAME.yaml) or a path to a YAML file")
+    status.add_argument("--results", default="results", help="where the suite's runs are (default: results/)")
     status.add_argument("--seeds", type=int, help="override the suite's seed count")
 
     table = sub.add_parser("table", help="aggregate the result.json files below a folder")
-    table.add_argument("results", nargs="?", default="results")
+    table.add_argument("results", nargs="?", default="results", help="folder searched for result.json files")
     table.add_argument("--suite", help="only the runs of this suite, with its layout")
-    table.add_argument("--format", choices=["md", "tex", "csv"], default="md")
+    table.add_argument("--format", choices=["md", "tex", "csv"], default="md", help="Markdown, LaTeX or CSV")
     table.add_argument("--split", default=None, help="evaluation split (test, train, test_lossless, ...)")
     table.add_argument("--baseline", help="print (+x) deltas against this row: METHOD or METHOD/ARCH")
     table.add_argument("--per-seed", action="store_true", help="add the per-seed appendix table (as Tables D6-D8)")
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write <results>/<suite>/report.md: tables, figures, paper vs measured")
     report.add_argument("name", help="suite name (suites/NAME.yaml) or a path to a YAML file")
-    report.add_argument("--results", default="results")
+    report.add_argument("--results", default="results", help="where the suite's runs are (default: results/)")
     report.add_argument("--seeds", type=int, help="override the suite's seed count")
     report.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="the overrides the suite was run with, to find its runs")
@@ -180,7 +182,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from bench.report.tables import table_for_folder
+    from bench.report.report import table_for_folder
 
     print(table_for_folder(Path(args.results), suite_name=args.suite, fmt=args.format, split=args.split,
                            baseline=args.baseline, per_seed=args.per_seed, vs_paper=args.vs_paper,
@@ -247,7 +249,7 @@ COMMANDS = {"run": cmd_run, "suite": cmd_suite, "table": cmd_table, "list": cmd_
 def main(argv: Optional[List[str]] = None) -> int:
     from bench.data.base import DatasetNotFoundError
     from bench.registry import UnknownNameError
-    from bench.store import CorruptRunError
+    from bench.store import CorruptRunError, RunFailedError
 
     args = build_parser().parse_args(argv)
     try:
@@ -256,6 +258,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"bench: error: {msg}", file=sys.stderr)
         return 2
+    except RunFailedError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,7 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "lr": 1e-3,
     "weight_decay": 0.0,
     "momentum": 0.9,              # sgd only
+    "betas": None,                # Adam/AdamW (β₁, β₂); None: torch's (0.9, 0.999). SLL's recipes: (0.5, 0.9)
     "lr_schedule": "step",        # see bench/optim.py
     "lr_milestones": [],          # epochs of the protocol where lr is multiplied by lr_gamma
     "lr_gamma": 0.1,

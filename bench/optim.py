@@ -33,7 +33,7 @@ def make_optimizer(cfg: Mapping[str, object], model: torch.nn.Module) -> torch.o
     name = str(cfg["optimizer"]).lower()
     lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
     params = model.param_groups(wd) if hasattr(model, "param_groups") else model.parameters()
-    # a method may set Adam's betas (SLL: (0.5, 0.9)); the others keep torch's default and their config hash
+    # `betas`: None means torch's default; SLL's recipes (and CLL's on the SLL family) use (0.5, 0.9)
     betas = tuple(float(b) for b in cfg.get("betas") or (0.9, 0.999))
     # The fused kernels compute the same update as the loop; on small nets they cut the step time by 3×.
     if name == "adam":

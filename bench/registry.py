@@ -26,10 +26,6 @@ class Registry:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = obj
-            try:
-                obj.registry_name = name  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):
-                pass
             return obj
         return deco
 

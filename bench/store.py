@@ -1,4 +1,4 @@
-"""Run folders, atomic writes and `load_run`.
+"""Run folders, atomic writes, checkpoints and provenance (`git_commit`).
 
 Layout: <results>/<dataset>/<method>/<arch>/<config-hash>/seed-<k>/ holding
     config.yaml     the resolved config (written first)
@@ -9,11 +9,13 @@ Layout: <results>/<dataset>/<method>/<arch>/<config-hash>/seed-<k>/ holding
 from __future__ import annotations
 
 import csv
+import functools
 import fcntl
 import hashlib
 import io
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
@@ -28,6 +30,11 @@ CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
+RUN_LOG = "run.log"     # the traceback of a run that raised
+
+
+class RunFailedError(RuntimeError):
+    """A run raised inside training or certification: one line for the user, the traceback in its run.log."""
 
 
 class CorruptRunError(ValueError):
@@ -181,63 +188,29 @@ def find_runs(results: os.PathLike) -> Iterable[Path]:
     return sorted(p.parent for p in root.rglob(CONFIG))
 
 
-class Run:
-    """A finished run, loaded for use from Python (`from bench import load_run`)."""
-
-    def __init__(self, folder: Path, device="cpu"):
-        from bench import train as engine  # local: train imports store
-
-        self.folder = Path(folder)
-        self.result = read_result(self.folder)
-        self.config = read_config(self.folder)
-        self._data = None
-        self.model = engine.build_model(self.config, self.data_bundle(), device=device)
-        state = load_checkpoint(self.folder / CHECKPOINT, map_location=device)
-        self.model.load_state_dict(state["model"])
-        self.model.eval()
-        self.model.converge(tol=float(self.config["converge_tol"]))
-        self.bound = self.model.certified_bound()         # guaranteed: the certificate
-        self.power = self.model.power_bound()             # converged power iteration (the paper's K)
-
-    def data_bundle(self):
-        if self._data is None:
-            from bench import train as engine
-
-            self._data = engine.build_data(self.config)
-        return self._data
-
-    def data(self, split: str):
-        """The split's inputs (data units, no augmentation) and labels, on CPU."""
-        bundle = self.data_bundle()
-        x, y = bundle.split(split)
-        return bundle.inputs(x), y
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        from bench.certify import DTYPES, predict
-
-        return predict(self.model, x, DTYPES[str(self.config["certify_dtype"])])
-
-    def certified(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        """A bool per input: its prediction is certified at radius eps (strict; ties are not certified)."""
-        from bench.certify import certified
-
-        return certified(self.logits(x), self.bound, float(eps), self.model.num_classes)
-
-
-def load_run(folder: os.PathLike, device: str = "cpu") -> Run:
-    return Run(Path(folder), device=device)
-
-
 def result_or_none(folder: Path) -> Optional[Dict[str, object]]:
     return read_result(folder) if (Path(folder) / RESULT).exists() else None
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    """The checkout's commit (+ "-dirty"), read once per process: the code a run trained with, even when the
+    checkout moves on while it trains."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def write_diverged(folder: Path, cfg: Mapping[str, object], reason: str,
                    train_seconds: Optional[float] = None) -> Dict[str, object]:
     """Record a run that diverged: status `diverged` with the reason, no metrics (never aggregated)."""
     import torch as _torch
-
-    from bench.train import git_commit
 
     result = {"method": cfg["method"], "arch": cfg["arch"], "dataset": cfg["dataset"], "seed": int(cfg["seed"]),
               "config_hash": config_hash(cfg), "status": "diverged", "reason": reason, "epochs": int(cfg["epochs"]),

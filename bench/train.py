@@ -7,20 +7,19 @@ At the end: converged bounds, clean accuracy and CRA per ε, K(f), K(h∘f), low
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import platform
 import random
-import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import numpy as np
 import torch
 
 from bench import certify, store
+from bench.store import git_commit
 from bench.optim import make_lr_scheduler, make_optimizer
 from bench.data.base import DataBundle
 from bench.nn.archs import count_parameters
@@ -92,21 +91,6 @@ def resolve_eps_names(cfg: Mapping[str, object]) -> Dict[str, float]:
         else:
             names[str(entry)] = certify.parse_eps(entry)
     return names
-
-
-@functools.lru_cache(maxsize=None)
-def git_commit() -> str:
-    """The checkout's commit (+ "-dirty"), read once per process: the code a run trained with, even when the
-    checkout moves on while it trains."""
-    here = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -25,32 +25,14 @@ empirical, with the KWL nets and a hinge loss).
 
 Augmentation (`dataset.py`): RandomCrop(S, padding=4, padding_mode="reflect") → RandomHorizontalFlip →
 ColorJitter(brightness=0.1, contrast=(0.5, 2), saturation=(0.3, 2), hue=0.02) (SLL's values), S = 32 and 64
-alike (padding 4 on Tiny-ImageNet too), no rotation: the `augment` mapping below (bench/data/augment.py,
+alike (padding 4 on Tiny-ImageNet too), no rotation: the family's `sandwich_inputs` (bench/data/augment.py,
 `ImageAugment.configured`), batched on the device in float instead of PIL's uint8 steps.
 """
 from __future__ import annotations
 
 from bench.losses import OFFSET_U, TEMPERATURE_T, OffsetCrossEntropyMethod
-from bench.nn.families import sandwich  # noqa: F401  (registers the sandwich architectures)
+from bench.nn.families.sandwich import LBDN_MEANS, LBDN_PIPELINE, sandwich_inputs
 from bench.registry import register_method
-
-_MEANS = {  # dataset.py: transforms.Normalize(mean, std) with std 1 (certified runs)
-    "cifar10": [0.4914, 0.4822, 0.4465],
-    "cifar100": [0.5071, 0.4865, 0.4409],
-    "tinyimagenet": [0.485, 0.456, 0.406],
-}
-
-#: the official jitter: brightness, contrast, saturation, hue
-LBDN_JITTER = [0.1, [0.5, 2.0], [0.3, 2.0], 0.02]
-#: `augment` mapping: reflect-padded crop with padding 4 (CIFAR and Tiny-ImageNet), flip, the jitter, no rotation
-LBDN_AUGMENT = {"padding": 4, "padding_mode": "reflect", "jitter": LBDN_JITTER, "degrees": 0.0, "flip": True}
-
-_LBDN_CERTIFIED = {
-    "epochs": 400, "protocol_epochs": 400, "batch_size": 256, "drop_last": True, "optimizer": "adam", "lr": 0.01,
-    "weight_decay": 0.0, "lr_schedule": "triangular", "augment": LBDN_AUGMENT,
-    "cert_eps": ["36/255", "72/255", "108/255"],
-}
-
 
 @register_method("lbdn")
 class LBDN(OffsetCrossEntropyMethod):
@@ -59,7 +41,8 @@ class LBDN(OffsetCrossEntropyMethod):
         "offset": OFFSET_U,          # u = √2·1.5 of the official Xent (config.offset = 1.5, times √2 inside)
         "temperature": TEMPERATURE_T,  # t = 0.25
     }
-    protocols = {name: {**_LBDN_CERTIFIED, "normalize": [mean, [1.0, 1.0, 1.0]]} for name, mean in _MEANS.items()}
+    protocols = {name: {**LBDN_PIPELINE, **sandwich_inputs(name), "cert_eps": ["36/255", "72/255", "108/255"]}
+                 for name in LBDN_MEANS}
     arch_aliases = {"dnn": "sandwich", "sandwich-lln": "sandwich"}
     certificate = ("sound: f_j − f_i > ε·K_ji, K = L·∏ Sandwich layer bounds (1 + proven floating-point allowance) × "
                    "(‖ŵ_j − ŵ_i‖ with LLN, √2 with SandwichLin); published: every layer = 1, K scaled by γ")

@@ -12,8 +12,8 @@ t·CE((z − u·onehot(y))/t, y) with u = 3√2/2 and t = 0.25 (bench/losses.py,
 **Recipe** (official `main.py` defaults, `core/trainer.py`, `core/data/readers.py`):
 1000 epochs; batch 64 per GPU × 4 GPUs = 256; Adam lr 0.01, betas (0.5, 0.9), no weight decay; the triangular
 lr (`--scheduler interp`, `TriangularLRScheduler`: np.interp over 0, 2T/5, 4T/5, T with knots lr → lr/20 → 0)
-stepped per step; inputs in [0, 1] with the dataset mean subtracted in-model (`--shift_data`, std 1);
-training augmentation RandomCrop(32, padding 4, reflect) → RandomHorizontalFlip → ColorJitter(brightness
+stepped per step; the family's input handling (`sll_inputs`): inputs in [0, 1] with the dataset mean subtracted
+in-model (`--shift_data`, std 1); training augmentation RandomCrop(32, padding 4, reflect) → RandomHorizontalFlip → ColorJitter(brightness
 0.1, contrast (0.5, 2), saturation (0.3, 2), hue 0.02) (Tiny-ImageNet: crop 64, still padding 4); evaluation
 of the last epoch at ε ∈ {36, 72, 108, 255}/255.
 Deviations, all small: the official loop calls `scheduler.step(t)` after the optimizer step with t the 0-based
@@ -29,27 +29,8 @@ up to rounding allowances, max(1, 2ū² − 1) in general) × ‖ŵ_j − ŵ_i�
 from __future__ import annotations
 
 from bench.losses import OFFSET_U, TEMPERATURE_T, OffsetCrossEntropyMethod
-from bench.nn.families import sll as _sll_family  # noqa: F401  (registers the sll-* architectures)
+from bench.nn.families.sll import SLL_MEANS, SLL_PIPELINE, sll_inputs
 from bench.registry import register_method
-
-#: the official pipeline's jitter (core/data/readers.py): brightness, contrast, saturation, hue
-SLL_JITTER = [0.1, [0.5, 2.0], [0.3, 2.0], 0.02]
-#: `augment` mapping (bench/data/augment.py `ImageAugment.configured`): reflect-padded crop (padding 4 on CIFAR
-#: and Tiny-ImageNet alike), flip, the jitter above in random order, no rotation
-SLL_AUGMENT = {"padding": 4, "padding_mode": "reflect", "jitter": SLL_JITTER, "degrees": 0.0, "flip": True}
-
-_SLL_RECIPE = {
-    "epochs": 1000, "protocol_epochs": 1000, "batch_size": 256, "optimizer": "adam", "lr": 0.01,
-    "weight_decay": 0.0, "lr_schedule": "triangular", "lr_milestones": [], "augment": SLL_AUGMENT,
-    "cert_eps": ["36/255", "72/255", "108/255", "255/255"],
-}
-#: per-dataset means subtracted in-model (`--shift_data`), std 1
-SLL_MEANS = {
-    "cifar10": [0.4913, 0.4821, 0.4465],
-    "cifar100": [0.5071, 0.4865, 0.4409],
-    "tinyimagenet": [0.485, 0.456, 0.406],
-}
-
 
 @register_method("sll")
 class SLL(OffsetCrossEntropyMethod):
@@ -57,10 +38,10 @@ class SLL(OffsetCrossEntropyMethod):
         "eps": 36 / 255,            # only the radius CRA is reported at when cert_eps names "eps"
         "offset": OFFSET_U,         # u of the offset cross-entropy (official --offset, 3√2/2)
         "temperature": TEMPERATURE_T,  # t (official --temperature, 0.25)
-        "betas": [0.5, 0.9],        # Adam's (β₁, β₂) (official --beta1 0.5 --beta2 0.9)
+        "betas": [0.5, 0.9],        # Adam's (β₁, β₂) (official --beta1 0.5 --beta2 0.9), on any dataset
     }
-    protocols = {name: {**_SLL_RECIPE, "normalize": [list(mean), [1.0, 1.0, 1.0]]}
-                 for name, mean in SLL_MEANS.items()}
+    protocols = {name: {**SLL_PIPELINE, **sll_inputs(name), "cert_eps": ["36/255", "72/255", "108/255", "255/255"]}
+                 for name in SLL_MEANS}
     arch_aliases = {"s": "sll-s", "m": "sll-m", "l": "sll-l", "xl": "sll-xl"}
     certificate = ("sound: f_j − f_i > ε·K_ji, K = L·∏ max(1, 2ū² − 1) (ū ≥ ‖T^{-1/2}W‖ guaranteed) × "
                    "(‖ŵ_j − ŵ_i‖ with LLN, √2 truncated, ‖W_j − W_i‖ unconstrained); published: every layer = 1")

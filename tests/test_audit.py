@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench import audit, store
+from bench import audit, load_run, store
 from bench.cli import main
 from bench.config import resolve
 from bench.train import train_run
@@ -120,7 +120,7 @@ def test_understated_bound_is_broken_by_the_attack(run_copy, monkeypatch, capsys
 def test_pgd_stays_in_the_ball_and_the_domain(moons_results):
     """Iterates live in float64, projected onto each row's ball and clamped to the data domain."""
     _, folder = moons_results
-    run = store.load_run(folder)
+    run = load_run(folder)
     x, y = run.data("test")
     x64 = x[:64].double().clamp(-0.5, 0.5)
     radius = torch.full((64,), 0.5, dtype=torch.float64)

@@ -75,3 +75,32 @@ def test_list_shows_registries():
     assert proc.returncode == 0
     for name in ("cll", "gloro", "standard", "moons-mlp", "4c3f", "moons"):
         assert name in proc.stdout
+
+
+def test_every_option_has_a_help_line():
+    import argparse
+
+    from bench.cli import build_parser
+    missing = [f"{name} {a.option_strings or a.dest}"
+               for name, sub in build_parser()._subparsers._group_actions[0].choices.items()
+               for a in sub._actions if a.help is None and not isinstance(a, argparse._HelpAction)]
+    assert not missing, missing
+
+
+def test_an_exception_inside_a_run_is_one_line_with_the_traceback_in_the_run_log(capsys, tmp_path, monkeypatch):
+    import bench.train
+
+    def broken(cfg, folder, on_epoch=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        raise ZeroDivisionError("the loss divided by zero\nsecond line")
+
+    monkeypatch.setattr(bench.train, "train_run", broken)
+    code = main(["run", "--method", "cll", "--arch", "moons-mlp", "--seeds", "2", "--quiet",
+                 "--results", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1
+    assert "ZeroDivisionError: the loss divided by zero" in err and "and 1 more run(s) failed" in err
+    logs = sorted(tmp_path.rglob("run.log"))
+    assert len(logs) == 2 and all("Traceback" in p.read_text() and "broken" in p.read_text() for p in logs)
+    assert not list(tmp_path.rglob("result.json"))

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import store
+from bench import load_run, store
 from bench.cli import main
 from bench.config import load_suite, suite_runs
 from bench.report import figures, report
@@ -102,7 +102,7 @@ def test_report_from_a_tiny_suite(tmp_path, capsys):
 
     # the CRA curve from certified radii agrees with the engine's CRA at the training ε
     cfg = cfgs[0]
-    run = store.load_run(store.run_dir(results, cfg))
+    run = load_run(store.run_dir(results, cfg))
     radii, total = figures.correct_radii(run, "test")
     name = f"{float(cfg['eps']):g}"
     assert figures.cra_curve(radii, total, np.array([float(cfg["eps"])]))[0] == \

@@ -225,7 +225,7 @@ def test_recipe_aliases_and_augmentation():
     from bench.config import resolve
     from bench.data.augment import ImageAugment
     from bench.registry import ARCHS
-    for ds, mean in sll_method.SLL_MEANS.items():
+    for ds, mean in sll.SLL_MEANS.items():
         cfg = resolve({"method": "sll", "arch": "xl", "dataset": ds})
         assert cfg["arch"] == "sll-xl" and ARCHS.get(cfg["arch"]).family == "sll"
         assert (cfg["epochs"], cfg["protocol_epochs"], cfg["batch_size"], cfg["optimizer"], cfg["lr"],
@@ -335,7 +335,7 @@ def test_short_sll_run_through_the_engine(tmp_path, monkeypatch):
 def test_dataset_applies_the_augment_mapping(tmp_path):
     from bench.registry import DATASETS
     _write_cifar_npz(tmp_path / "cifar10.npz", 4, 2)
-    bundle = DATASETS.get("cifar10")({"data_root": str(tmp_path), "augment": sll_method.SLL_AUGMENT}, 1)
+    bundle = DATASETS.get("cifar10")({"data_root": str(tmp_path), "augment": sll.SLL_AUGMENT}, 1)
     assert (bundle.augment.padding_mode, bundle.augment.degrees, len(bundle.augment.ranges)) == ("reflect", 0.0, 4)
 
 

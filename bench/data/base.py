@@ -7,7 +7,7 @@ model's data units ([0,1] for images).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -58,12 +58,3 @@ class DataBundle:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self.y_train), generator=g)[:n].sort().values.to(self.y_train.device)
         return DataBundle(**{**self.__dict__, "x_train": self.x_train[idx], "y_train": self.y_train[idx]})
-
-
-def describe(bundle: DataBundle) -> Dict[str, object]:
-    return {"name": bundle.name, "train": len(bundle.y_train), "test": len(bundle.y_test),
-            "num_classes": bundle.num_classes, "input_shape": list(bundle.input_shape)}
-
-
-def parse_shape(shape: Sequence[int]) -> Tuple[int, ...]:
-    return tuple(int(s) for s in shape)

@@ -44,6 +44,12 @@ def execute(cfg: Dict[str, object], results: str, on_epoch=None) -> Tuple[str, O
             return "trained", train_run(cfg, folder, on_epoch=on_epoch)
         except DivergedError as e:
             return "trained", store.write_diverged(folder, cfg, str(e), e.train_seconds)
+        except Exception as e:  # noqa: BLE001  (any bug or runtime failure: one line up, traceback to the log)
+            log = folder / store.RUN_LOG
+            store.atomic_write_text(log, f"{run_label(cfg)}\n{traceback.format_exc()}")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise store.RunFailedError(f"run {run_label(cfg)} failed: {type(e).__name__}"
+                                       f"{': ' + first if first else ''} (traceback in {log})") from None
     finally:
         lock.release()
 
@@ -57,8 +63,6 @@ def _worker(cfg, results, queue, threads, slots):
         if slot is not None:
             cfg = {**cfg, "device": f"cuda:{slot}"}
         return execute(cfg, results, lambda e, n, row: queue.put((str(store.run_dir(results, cfg)), e)))
-    except Exception:  # noqa: BLE001  (re-raised in the parent with the worker's traceback)
-        raise RuntimeError(f"run {run_label(cfg)} failed:\n{traceback.format_exc()}") from None
     finally:
         if slot is not None:
             slots.put(slot)
@@ -102,7 +106,7 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
     if slots:
         workers = min(workers, len(slots))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    skipped, trained = [], 0
+    skipped, trained, failed = [], 0, []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=quiet) as progress:
         overall = progress.add_task(f"[bold]{len(todo)} runs to train ({len(done)} finished)", total=len(todo))
@@ -125,7 +129,11 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
             for cfg in todo:
                 torch.set_num_threads(int(cfg.get("threads") or threads))
                 task = tasks[str(store.run_dir(results, cfg))]
-                collect(cfg, execute(cfg, results, lambda e, n, row, t=task: progress.update(t, completed=e)))
+                try:
+                    collect(cfg, execute(cfg, results, lambda e, n, row, t=task: progress.update(t, completed=e)))
+                except store.RunFailedError as e:
+                    failed.append(str(e))
+                    progress.advance(overall)
         else:
             ctx = mp.get_context("spawn")
             with ctx.Manager() as manager:
@@ -145,9 +153,16 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
                             progress.update(tasks[folder], completed=epoch)
                         for f in [f for f in pending if f.done()]:
                             pending.discard(f)
-                            collect(futures[f], f.result())
+                            try:
+                                collect(futures[f], f.result())
+                            except store.RunFailedError as e:
+                                failed.append(str(e))
+                                progress.advance(overall)
                         if pending:
                             time.sleep(0.2)
     print(f"trained {trained} runs, left {len(skipped)} to another process, "
-          f"{len(done) - trained} already finished")
+          f"{len(done) - trained} already finished" + (f", {len(failed)} failed" if failed else ""))
+    if failed:  # the other runs went on; the first failure is the one-line error
+        more = f" (and {len(failed) - 1} more run(s) failed)" if len(failed) > 1 else ""
+        raise store.RunFailedError(failed[0] + more)
     return done

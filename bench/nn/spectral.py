@@ -60,7 +60,7 @@ frozen upper bound still enters the final max. The result is sound whatever the 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -271,14 +271,3 @@ def conv_norm_bound(weight: torch.Tensor, input_hw: Sequence[int], stride=1, pad
 def dense_norm_bound(weight: torch.Tensor, max_steps: int = 40) -> float:
     """Guaranteed upper bound on ‖W‖ of a dense matrix (Gram iteration with the rounding allowance)."""
     return float(gram_norm_bound(weight.detach(), max_steps=max_steps))
-
-
-def exact_conv_norm(weight: torch.Tensor, input_shape: Sequence[int], stride=1, padding=0) -> float:
-    """σ_max of the explicit conv matrix (float64 eigvalsh of its smaller Gram): for tests and audits of small
-    layers only."""
-    import torch.nn.functional as F
-    from bench.nn.verify import impulse_jacobian
-    w = weight.detach().double()
-    J = impulse_jacobian(lambda b: F.conv2d(b, w, None, stride, padding), input_shape)
-    G = J @ J.T if J.shape[0] <= J.shape[1] else J.T @ J
-    return math.sqrt(max(float(torch.linalg.eigvalsh(G)[-1]), 0.0))

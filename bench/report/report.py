@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from bench import store
+from bench.loaded_run import load_run
 from bench.certify import parse_eps
 from bench.config import config_hash
 from bench.report import paper, tables
@@ -139,7 +140,7 @@ class RunCache:
     def __call__(self, cfg: dict):
         folder = self.folder(cfg)
         if str(folder) not in self._runs:
-            self._runs[str(folder)] = store.load_run(folder)
+            self._runs[str(folder)] = load_run(folder)
         return self._runs[str(folder)]
 
 
@@ -335,7 +336,7 @@ def bound_gap_frames(runs, splits: Sequence[str]) -> Tuple[pd.DataFrame, pd.Data
     labels = tables.settings_by_hash(runs)
     layers, cras = [], []
     for h, group in _complete_by_hash(runs).items():
-        res0, cfg0 = group[0]
+        _, cfg0 = group[0]
         ident = {"Method": cfg0["method"], "Arch": cfg0["arch"], "Setting": labels.get(h, "")}
         guaranteed = [r.get("layer_bounds") or [] for r, _ in group]
         power = [r.get("layer_bounds_power") or [] for r, _ in group]
@@ -479,3 +480,36 @@ def write_report(suite: dict, cfgs: Sequence[dict], results: Path, figures: bool
     store.atomic_write_text(outdir / "report.md", report)
     written["report.md"] = outdir / "report.md"
     return written
+
+
+def table_for_folder(results: Path, suite_name: Optional[str] = None, fmt: str = "md",
+                     split: Optional[str] = None, baseline: Optional[str] = None, per_seed: bool = False,
+                     vs_paper: bool = False, power: bool = False) -> str:
+    """`bench table`: the tables of every run below `results` (or of one suite), per split, with the per-seed
+    appendix and the paper comparison when asked."""
+    if not Path(results).exists():
+        raise FileNotFoundError(f"no results folder {results}")
+    runs, problems = tables.collect(Path(results))
+    runs, seeds_expected, suite = tables.suite_filter(runs, suite_name)
+    if suite is not None and baseline is None:
+        baseline = (suite.get("table") or {}).get("baseline")
+    out = []
+    splits = [split] if split else tables.default_splits(runs)
+    for i, sp in enumerate(splits):
+        _, display = tables.build_table(runs, sp, seeds_expected, baseline, power)
+        if len(splits) > 1:
+            out.append(f"### {sp} split\n" if fmt == "md" else (f"% {sp} split" if fmt == "tex" else ""))
+        out.append(tables.render(display, fmt))
+        if per_seed:
+            seeds = tables.per_seed_frame(runs, sp, seeds_expected, split_metrics_only=i > 0, power=power)
+            body = (tables.to_markdown(seeds) + "\n\n" + tables.PER_SEED_CAPTION if fmt == "md" else
+                    tables.to_latex(seeds, tables.PER_SEED_CAPTION) if fmt == "tex" else seeds.to_csv(index=False))
+            out.append((f"#### Per-seed results ({sp} split)\n" if fmt == "md" else "") + body)
+    if vs_paper:
+        cells = paper.cells_for(suite)
+        own = suite is not None and bool(suite.get("paper"))
+        frame = paper.vs_paper_frame(runs, cells, seeds_expected, include_missing=own)
+        out.append(paper.render(frame, fmt))
+    if problems:
+        out.append("\n".join(f"corrupt run skipped: {p}" for p in problems))
+    return "\n\n".join(o for o in out if o)

@@ -5,13 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from bench.report.report import runs_on_disk
-
-
-def suite_runs_on_disk(cfgs: List[Dict], results: Path):
-    """(result, config) of this suite's finished runs, in suite order."""
-    return runs_on_disk(cfgs, results)[0]
-
 
 def write_suite_outputs(suite: Dict, cfgs: List[Dict], results: Path) -> Dict[str, Path]:
     from bench.report.report import write_report

@@ -533,39 +533,6 @@ def suite_cell_keys(suite: dict) -> set:
     return {cell_key(c) for c in suite_runs(suite)}
 
 
-def table_for_folder(results: Path, suite_name: Optional[str] = None, fmt: str = "md",
-                     split: Optional[str] = None, baseline: Optional[str] = None, per_seed: bool = False,
-                     vs_paper: bool = False, power: bool = False) -> str:
-    if not Path(results).exists():
-        raise FileNotFoundError(f"no results folder {results}")
-    runs, problems = collect(Path(results))
-    runs, seeds_expected, suite = suite_filter(runs, suite_name)
-    if suite is not None and baseline is None:
-        baseline = (suite.get("table") or {}).get("baseline")
-    out = []
-    splits = [split] if split else default_splits(runs)
-    for i, sp in enumerate(splits):
-        _, display = build_table(runs, sp, seeds_expected, baseline, power)
-        if len(splits) > 1:
-            out.append(f"### {sp} split\n" if fmt == "md" else (f"% {sp} split" if fmt == "tex" else ""))
-        out.append(render(display, fmt))
-        if per_seed:
-            seeds = per_seed_frame(runs, sp, seeds_expected, split_metrics_only=i > 0, power=power)
-            out.append((f"#### Per-seed results ({sp} split)\n" if fmt == "md" else "") +
-                       (to_markdown(seeds) + "\n\n" + PER_SEED_CAPTION if fmt == "md" else
-                        to_latex(seeds, PER_SEED_CAPTION) if fmt == "tex" else seeds.to_csv(index=False)))
-    if vs_paper:
-        from bench.report import paper
-
-        cells = paper.cells_for(suite)
-        own = suite is not None and bool(suite.get("paper"))
-        frame = paper.vs_paper_frame(runs, cells, seeds_expected, include_missing=own)
-        out.append(paper.render(frame, fmt))
-    if problems:
-        out.append("\n".join(f"corrupt run skipped: {p}" for p in problems))
-    return "\n\n".join(o for o in out if o)
-
-
 def default_splits(runs) -> Sequence[str]:
     """moons: train (as the paper's figures) and test; otherwise test, then the named test subsets the runs
     evaluated (e.g. test_lossless, the 1,000 lossless images of the offline CIFAR-10 file)."""
@@ -575,8 +542,6 @@ def default_splits(runs) -> Sequence[str]:
     subsets = sorted({s for r, _ in runs for s in (r.get("eval") or {}) if s.startswith("test_")})
     return ("test", *subsets)
 
-
-_default_splits = default_splits
 
 
 def print_results(results: List[dict]) -> None:

@@ -110,6 +110,7 @@ import torch.nn.functional as F
 from bench.nn.archs import register_spec_arch
 from bench.nn.bound import LipschitzNet, PairwiseBound
 from bench.nn.families.common import SHARED_HEADS, make_head
+from bench.nn.families.sll import SLL_AUGMENT
 from bench.nn.lipschitz import PowerIterated
 from bench.nn.spectral import UNIT_ROUNDOFF, dense_norm_bound, gram_norm_bound
 
@@ -608,6 +609,28 @@ def load_official_state_dict(net: LipschitzNet, state_dict: Dict[str, torch.Tens
         raise KeyError(f"official checkpoint mismatch: missing {missing}, unexpected {unexpected}")
 
 
+# The official input handling (acfr/LBDN dataset.py), shared by every loss trained on the family: ToTensor − mean
+# (std 1; `--normalized` is off in the certified runs) and SLL's augmentation pipeline, whose values dataset.py
+# takes over (reflect-padded crop with padding 4 on 32×32 and 64×64 alike, flip, the same ColorJitter).
+LBDN_MEANS = {
+    "cifar10": [0.4914, 0.4822, 0.4465],
+    "cifar100": [0.5071, 0.4865, 0.4409],
+    "tinyimagenet": [0.485, 0.456, 0.406],
+}
+LBDN_AUGMENT = SLL_AUGMENT
+
+
+#: the official certified pipeline (README, `main.py`/`train.py` defaults): 400 epochs, batch 256 (drop_last), Adam
+#: 0.01, no weight decay, the per-step triangular lr (methods/lbdn.py has the details)
+LBDN_PIPELINE = {"epochs": 400, "protocol_epochs": 400, "batch_size": 256, "drop_last": True, "optimizer": "adam",
+                 "lr": 0.01, "weight_decay": 0.0, "lr_schedule": "triangular", "lr_milestones": []}
+
+
+def sandwich_inputs(dataset: str) -> dict:
+    """The official input handling for `dataset` as config keys (`normalize`, `augment`)."""
+    return {"normalize": [list(LBDN_MEANS[dataset]), [1.0, 1.0, 1.0]], "augment": LBDN_AUGMENT}
+
+
 def _register(name: str, **spec):
     # the DNN is the README's certified CIFAR-100 / Tiny-ImageNet model (32×32 or 64×64 images)
     register_spec_arch(name, build_sandwich, f"Sandwich (LBDN) DNN {name}: {spec}", family="sandwich",
@@ -620,4 +643,4 @@ _register("sandwich-linear", head="linear")    # CLL on Sandwich: unconstrained 
 
 
 __all__ = ["cayley", "orthonormality_deviation", "sandwich_constant", "SandwichConv", "SandwichFc", "SandwichLin",
-           "SandwichNet", "sandwich_modules", "build_sandwich", "load_official_state_dict", "DNN_CONVS", "DNN_FCS"]
+           "SandwichNet", "sandwich_modules", "LBDN_MEANS", "LBDN_AUGMENT", "LBDN_PIPELINE", "sandwich_inputs", "build_sandwich", "load_official_state_dict", "DNN_CONVS", "DNN_FCS"]

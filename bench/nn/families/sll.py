@@ -437,6 +437,30 @@ class SLLNet(LipschitzNet):
 
 
 #: n_conv, n_dense, w, dense inner (official main.py --model-name small/medium/large/xlarge); conv inner 5
+# The official pipeline's input handling (core/data/readers.py), shared by every loss trained on the family (SLL's
+# own and CLL's): the dataset mean subtracted in-model (`--shift_data`, std 1) and the training augmentation
+# RandomCrop(S, padding 4, reflect) → RandomHorizontalFlip → ColorJitter(brightness 0.1, contrast (0.5, 2),
+# saturation (0.3, 2), hue 0.02), padding 4 on Tiny-ImageNet too, no rotation (bench/data/augment.py's mapping).
+SLL_JITTER = [0.1, [0.5, 2.0], [0.3, 2.0], 0.02]
+SLL_AUGMENT = {"padding": 4, "padding_mode": "reflect", "jitter": SLL_JITTER, "degrees": 0.0, "flip": True}
+SLL_MEANS = {
+    "cifar10": [0.4913, 0.4821, 0.4465],
+    "cifar100": [0.5071, 0.4865, 0.4409],
+    "tinyimagenet": [0.485, 0.456, 0.406],
+}
+
+
+#: the official training pipeline (`main.py` defaults, `core/trainer.py`): 1000 epochs, batch 64 × 4 GPUs = 256, Adam
+#: 0.01 with betas (0.5, 0.9), no weight decay, the triangular lr stepped per step (methods/sll.py has the details)
+SLL_PIPELINE = {"epochs": 1000, "protocol_epochs": 1000, "batch_size": 256, "optimizer": "adam", "lr": 0.01,
+                "betas": [0.5, 0.9], "weight_decay": 0.0, "lr_schedule": "triangular", "lr_milestones": []}
+
+
+def sll_inputs(dataset: str) -> dict:
+    """The official input handling for `dataset` as config keys (`normalize`, `augment`)."""
+    return {"normalize": [list(SLL_MEANS[dataset]), [1.0, 1.0, 1.0]], "augment": SLL_AUGMENT}
+
+
 SLL_SIZES = {
     "s": (20, 7, 45, 2048),
     "m": (30, 10, 60, 2048),
@@ -472,5 +496,5 @@ for _size, (_nc, _nd, _w, _di) in SLL_SIZES.items():
                           head=_head, variant=_variant)
 
 
-__all__ = ["SLLLayer", "SLLConv", "SLLLinear", "SLLNet", "SLL_SIZES", "sll_modules", "build_sll", "safe_inv",
+__all__ = ["SLLLayer", "SLLConv", "SLLLinear", "SLLNet", "SLL_SIZES", "SLL_AUGMENT", "SLL_MEANS", "SLL_PIPELINE", "sll_inputs", "sll_modules", "build_sll", "safe_inv",
            "kernel_gram", "VARIANTS"]
