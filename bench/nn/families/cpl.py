@@ -104,12 +104,18 @@ class ConvexPotential(PowerIterated, nn.Module):
 
     #: relative allowance between h computed here in float64 and the float32 h of the forward pass
     H_ROUNDING = 1e-6
+    #: a stored eval σ within this relative distance below the converged one is kept (rounding, not a new σ)
+    SIGMA_RTOL = 1e-9
 
     def layer_constants(self, norm_upper: float, norm_power: float):
-        """The converged Rayleigh σ becomes `eval_sv_max` (the σ eval uses, in the buffer's dtype); the layer is
-        then max(1, h·‖W‖² − 1)-Lipschitz with h = 2/(σ² + ε): guaranteed with ‖W‖ ≤ norm_upper, the power
-        column with norm_power (≈ 1 − ε·h/2... i.e. 1)."""
-        self.eval_sv_max.fill_(norm_power)
+        """The converged Rayleigh σ becomes `eval_sv_max` (the σ eval uses, in the buffer's dtype) when that is
+        empty (after a training forward) or below it by more than the convergence tolerance; a σ that agrees (a
+        loaded checkpoint's) is kept, so re-converging a reloaded model never moves its map by an ulp. The layer
+        is then max(1, h·‖W‖² − 1)-Lipschitz with h = 2/(σ² + ε) for whatever σ eval uses: guaranteed with
+        ‖W‖ ≤ norm_upper, the power column with norm_power (≈ 1)."""
+        stored = float(self.eval_sv_max)
+        if stored == 0.0 or norm_power > stored * (1.0 + self.SIGMA_RTOL):
+            self.eval_sv_max.fill_(norm_power)
         sv = float(self.eval_sv_max)
         h = 2.0 / (sv * sv + self.epsilon) * (1.0 + self.H_ROUNDING)
         self.weight_norm_bound = norm_upper
