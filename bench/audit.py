@@ -187,30 +187,31 @@ def _compare(rec, new, n: int) -> Dict[str, object]:
     return entry
 
 
-def recertify(model, model64, data, cfg, result, bound, power, method, splits: Sequence[str]) -> Dict[str, object]:
-    """Clean accuracy, CRA (guaranteed) and CRA (power) per ε on each split and test subset, recomputed in
-    float64, side by side with result.json."""
+def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, object]:
+    """Clean accuracy, CRA (guaranteed), CRA (power) and, where the family has one, CRA under its published rule,
+    per ε on each split and test subset, recomputed in float64 through the one certification path
+    (`certify.certify_split`), side by side with result.json."""
     from bench.train import resolve_eps_names
 
     eps = resolve_eps_names(cfg)
-    num_classes = data.num_classes
     recorded_eval = result.get("eval") or {}
     batch = int(cfg.get("eval_batch") or 4096)
     out: Dict[str, object] = {}
     for split in splits:
         x, y = data.split(split)
         y = y.cpu()
-        logits = certify.predict(model64, x, torch.float64, batch, to_input=data.inputs)
+        # the bounds are the checkpoint model's; the forward runs on an exact float64 up-cast of it
+        sc = certify.certify_split(model, x, eps, torch.float64, batch, to_input=data.inputs, rules=certify.RULES)
         subsets = {split: None}
         if split == "test":
             subsets.update({f"test_{k}": m.cpu() for k, m in data.test_subsets.items()})
-        logits32 = None
+        sc32 = None
         for key, mask in subsets.items():
-            lg, yy = (logits, y) if mask is None else (logits[mask], y[mask])
+            yy = y if mask is None else y[mask]
             n = len(yy)
             rec = recorded_eval.get(key) or {}
-            ev = certify.evaluate_logits(lg, yy, bound, eps, num_classes)
-            evp = certify.evaluate_logits(lg, yy, power, eps, num_classes)["cra"]
+            ev = sc.summary(y, "sound", mask)
+            evp = sc.summary(y, "power", mask)["cra"]
             entry: Dict[str, object] = {"n": n, "recorded": bool(rec), "cra": {}, "cra_power": {},
                                         "clean": _compare(rec.get("clean"), ev["clean"], n)}
             rec_cra, rec_pow = rec.get("cra") or {}, rec.get("cra_power")
@@ -223,32 +224,35 @@ def recertify(model, model64, data, cfg, result, bound, power, method, splits: S
             extra = sorted(set(rec_cra) - set(eps))
             if extra:
                 entry["unexpected_eps"] = extra
-            published = method.published_cra(lg, yy, model64, eps) if method is not None else None
-            if published is not None and "cra_published" in rec:
+            if "published" in sc.certified and "cra_published" in rec:
+                published = sc.summary(y, "published", mask)["cra"]
                 entry["cra_published"] = {k: _compare(rec["cra_published"].get(k), v, n) for k, v in published.items()}
             disagree = [m for m in _metric_entries(entry) if m[2].get("agree") is False]
             if disagree and str(cfg.get("certify_dtype", "float64")) != "float64":
                 # the run certified in a coarser dtype: does that dtype reproduce the record, and how many points
                 # does it certify differently from float64?
-                if logits32 is None:
+                if sc32 is None:
                     dtype = certify.DTYPES[str(cfg["certify_dtype"])]
-                    logits32 = certify.predict(model, x, dtype, batch, to_input=data.inputs)
-                lg32 = logits32 if mask is None else logits32[mask]
-                ev32 = certify.evaluate_logits(lg32, yy, bound, eps, num_classes)
-                correct64, correct32 = lg.argmax(1) == yy, lg32.argmax(1) == yy
+                    sc32 = certify.certify_split(model, x, eps, dtype, batch, to_input=data.inputs, rules=("sound",))
+                ev32 = sc32.summary(y, "sound", mask)
+                correct64 = (sc.logits.argmax(1) == y) if mask is None else (sc.logits.argmax(1) == y)[mask]
+                correct32 = (sc32.logits.argmax(1) == y) if mask is None else (sc32.logits.argmax(1) == y)[mask]
+
+                def flags(s, name):
+                    f = s.certified["sound"][name]
+                    return f if mask is None else f[mask]
+
                 entry["certify_dtype"] = {
                     "dtype": str(cfg["certify_dtype"]),
                     "clean": ev32["clean"], "cra": ev32["cra"],
                     "reproduces_record": all(_compare(rec_cra.get(k), v, n)["agree"] for k, v in ev32["cra"].items())
                     and bool(_compare(rec.get("clean"), ev32["clean"], n)["agree"]),
                     "points_differ_from_float64": {
-                        k: int(((certify.certified(lg, bound, e, num_classes) & correct64)
-                                != (certify.certified(lg32, bound, e, num_classes) & correct32)).sum())
-                        for k, e in eps.items()},
+                        k: int(((flags(sc, k) & correct64) != (flags(sc32, k) & correct32)).sum()) for k in eps},
                 }
             out[key] = entry
         if split == "test":
-            out["_test_logits"] = logits  # for the attack (dropped before writing)
+            out["_test_logits"] = sc.logits  # for the attack (dropped before writing)
     return out
 
 
@@ -531,7 +535,6 @@ def audit_run(folder: os.PathLike, opts: Optional[AuditOptions] = None, write: b
     `status` is pass, fail (findings), corrupt (result.json or config unreadable) or skipped (unfinished or
     diverged: nothing certified to audit). Raises DatasetNotFoundError when the run's data is missing."""
     from bench import train as engine
-    from bench.registry import METHODS
 
     opts = opts or AuditOptions()
     folder = Path(folder)
@@ -604,8 +607,7 @@ def audit_run(folder: os.PathLike, opts: Optional[AuditOptions] = None, write: b
         want_train = "train" in (result.get("eval") or {}) and x_tr.numel() <= TRAIN_SPLIT_MAX_VALUES
     if want_train:
         splits.append("train")
-    method = METHODS.get(str(cfg["method"]))(cfg, num_classes)
-    rec = recertify(model, model64, data, cfg, result, bound, power, method, splits)
+    rec = recertify(model, data, cfg, result, splits)
     test_logits = rec.pop("_test_logits")
     audit["recertify"] = {"dtype": "float64", "splits": rec, "seconds": round(time.perf_counter() - t0, 3)}
     n_disagree, notes = 0, []

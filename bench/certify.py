@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -122,6 +124,109 @@ def evaluate_logits(logits: torch.Tensor, y: torch.Tensor, bound: PairwiseBound,
         ok = certified(logits, bound, eps, num_classes) & correct
         out["cra"][name] = float(ok.double().mean()) if len(y) else float("nan")
     return out
+
+
+#: certificate rules. `sound`: guaranteed bounds only (the certificate). `power`: converged power iteration, from
+#: below (the paper's way; not a certificate). `published`: the family's own published rule where it differs from
+#: both (1-Lipschitz families take every layer as exactly 1: `nominal_bound`).
+RULES = ("sound", "power", "published")
+
+
+@dataclass
+class SplitCertificates:
+    """A split certified under one or more rules: the float64 logits, and per rule and named ε a bool per point
+    (certified, strict) and the K̄ = max_ij K_ij it used per point (a global bound: one value for every point)."""
+
+    logits: torch.Tensor
+    certified: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    K: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    def summary(self, y: torch.Tensor, rule: str = "sound", mask: Optional[torch.Tensor] = None) -> Dict[str, object]:
+        """Clean accuracy and CRA (certified ∧ correct) per named ε, on the points of `mask` (all by default)."""
+        logits, y = (self.logits, y.cpu()) if mask is None else (self.logits[mask], y.cpu()[mask])
+        correct = logits.argmax(dim=1) == y
+        out = {"clean": float(correct.double().mean()) if len(y) else float("nan"), "cra": {}}
+        for name, flags in self.certified[rule].items():
+            ok = (flags if mask is None else flags[mask]) & correct
+            out["cra"][name] = float(ok.double().mean()) if len(y) else float("nan")
+        return out
+
+    def K_stats(self, rule: str = "sound", mask: Optional[torch.Tensor] = None) -> Dict[str, Dict[str, float]]:
+        """Per named ε: mean and max of K̄ over the points (equal for a global bound)."""
+        out = {}
+        for name, K in self.K[rule].items():
+            K = K if K.dim() == 0 or mask is None else K[mask]
+            out[name] = {"mean": float(K.double().mean()), "max": float(K.double().max())}
+        return out
+
+
+def _global_bound(model, rule: str) -> Optional[PairwiseBound]:
+    if rule == "sound":
+        return model.certified_bound()
+    if rule == "power":
+        return model.power_bound()
+    return model.nominal_bound() if getattr(model, "published_rule_nominal", False) else None
+
+
+def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str, float],
+                  dtype: torch.dtype = torch.float32, batch_size: int = 4096, to_input=None,
+                  rules: Sequence[str] = ("sound", "power")) -> SplitCertificates:
+    """Certify every point of a split at every named ε under each rule: the one certification path of lipbench
+    (training's evaluation, `bench audit`, `load_run(...).certified`).
+
+    A global network (`input_aware` false) is certified from its logits and one pairwise bound per rule, computed
+    once (`certified`: f_j − f_i > ε·K_ji). An input-aware network answers per batch and per ε,
+    `model.local_certificate(x, eps, rule) → (certified [B], K̄ [B])`: its bound holds only within that ε-ball.
+    The `published` rule is left out for a model that has none of its own. Forward passes run in `dtype` with TF32
+    off; `seconds` is each rule's wall time, the forward pass included."""
+    rules = [r for r in rules if r != "published" or _has_published_rule(model)]
+    if not getattr(model, "input_aware", False):
+        t0 = time.perf_counter()
+        logits = predict(model, x, dtype, batch_size, to_input=to_input)
+        forward = time.perf_counter() - t0
+        out = SplitCertificates(logits)
+        for rule in rules:
+            t0 = time.perf_counter()
+            bound = _global_bound(model, rule)
+            out.certified[rule] = {k: certified(logits, bound, e, model.num_classes) for k, e in eps_by_name.items()}
+            K = bound.max(model.num_classes).to(torch.float64)
+            out.K[rule] = {k: K for k in eps_by_name}
+            out.seconds[rule] = forward + time.perf_counter() - t0
+        return out
+    device = next(model.parameters()).device
+    if next(model.parameters()).dtype != dtype:  # an exact up-cast copy; its layers' bounds are recomputed for it
+        model = copy.deepcopy(model).to(dtype)
+        model.converge()
+    chunks = {r: {k: ([], []) for k in eps_by_name} for r in rules}
+    seconds = dict.fromkeys(rules, 0.0)
+    logits = []
+    with exact_matmul(), torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(device)
+            xb = to_input(xb, dtype) if to_input is not None else xb.to(dtype)
+            t0 = time.perf_counter()
+            logits.append(model(xb).to(torch.float64).cpu())
+            forward = time.perf_counter() - t0
+            for rule in rules:
+                t0 = time.perf_counter()
+                for name, e in eps_by_name.items():
+                    ok, K = model.local_certificate(xb, e, rule)
+                    chunks[rule][name][0].append(ok.cpu())
+                    chunks[rule][name][1].append(K.to(torch.float64).cpu())
+                seconds[rule] += forward + time.perf_counter() - t0
+    out = SplitCertificates(torch.cat(logits) if logits else torch.empty(0, 0, dtype=torch.float64),
+                            seconds=seconds)
+    for rule in rules:
+        out.certified[rule] = {k: torch.cat(v[0]) for k, v in chunks[rule].items()}
+        out.K[rule] = {k: torch.cat(v[1]) for k, v in chunks[rule].items()}
+    return out
+
+
+def _has_published_rule(model) -> bool:
+    """A rule of the family's own, distinct from `sound` and `power` (for input-aware models the published rule is
+    the power-iterated local one)."""
+    return bool(getattr(model, "published_rule_nominal", False))
 
 
 def lower_bound(model: torch.nn.Module, x: torch.Tensor, pairs: int = 4000, steps: int = 1000, lr: float = 3e-4,

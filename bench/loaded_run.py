@@ -10,7 +10,7 @@ import torch
 
 from bench import store
 from bench import train as engine
-from bench.certify import DTYPES, certified, predict
+from bench.certify import DTYPES, certify_split, predict
 
 
 class Run:
@@ -43,9 +43,13 @@ class Run:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return predict(self.model, x, DTYPES[str(self.config["certify_dtype"])])
 
-    def certified(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        """A bool per input: its prediction is certified at radius eps (strict; ties are not certified)."""
-        return certified(self.logits(x), self.bound, float(eps), self.model.num_classes)
+    def certified(self, x: torch.Tensor, eps: float, rule: str = "sound") -> torch.Tensor:
+        """A bool per input (data units): its prediction is certified at radius eps (strict; ties are not
+        certified), through the one certification path (`certify_split`; per batch and per ε for input-aware
+        models). `rule="power"` gives the paper's power-iteration rule, which is not a certificate."""
+        dtype = DTYPES[str(self.config["certify_dtype"])]
+        split = certify_split(self.model, x, {"eps": float(eps)}, dtype, rules=(rule,))
+        return split.certified[rule]["eps"]
 
 
 def load_run(folder: os.PathLike, device: str = "cpu") -> Run:

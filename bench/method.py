@@ -1,17 +1,17 @@
 """The method plugin interface.
 
-A method is a loss that uses the network's pairwise Lipschitz bound, plus its hyperparameters (with the
-paper's names) and its paper's training recipe per dataset. The certificate itself is the same arithmetic for
-every method (bench/certify.py); a method only states its K(h∘f).
+A method is a loss that uses the network's Lipschitz bound at the batch (`model.bound(x, ε)`: global families
+ignore both), plus its hyperparameters (with the paper's names) and its paper's training recipe per dataset.
+Certification is the same path for every method (bench/certify.py `certify_split`); a method only states its
+K(h∘f) and its certificate rule in words.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from bench import certify
 from bench.nn.bound import PairwiseBound
 
 
@@ -35,13 +35,10 @@ class Method(ABC):
     #: short architecture names this method resolves to its own architectures, e.g. {"xl": "cpl-xl"}
     arch_aliases: Dict[str, str] = {}
 
-    def published_cra(self, logits: torch.Tensor, y: torch.Tensor, model, eps: Dict[str, float]):
-        """CRA per ε under the *published* certificate rule of the model's family, when it has its own
-        (recorded next to the sound CRA in result.json): a 1-Lipschitz family (`published_rule_nominal`) publishes
-        certificates that take every layer as exactly 1 (`nominal_bound`). None when the rule is the engine's."""
-        if not getattr(model, "published_rule_nominal", False):
-            return None
-        return certify.evaluate_logits(logits, y, model.nominal_bound(), eps, self.num_classes)["cra"]
+    def bound_eps(self, progress: float) -> Optional[float]:
+        """The radius the network's bound is asked for at training progress t/T (`model.bound(x, eps)`). Global
+        bounds ignore it; an input-aware method (Local-Lip-B) returns its current training ε."""
+        return None
 
     def K_hf(self, bound: PairwiseBound) -> float:
         """K(h∘f), the Lipschitz constant of the loss's output map composed with f. For losses whose h is a

@@ -1,6 +1,6 @@
 """The training loop: build data, network and method from a config, train, converge, evaluate, write.
 
-Per step: slice a batch of the device-resident data, augment it there, forward, K = net.bound(power_iter)
+Per step: slice a batch of the device-resident data, augment it there, forward, K = net.bound(x, ε)
 (a few warm-started power-iteration steps, gradient through the estimate), method.loss, backward, step.
 Per epoch: net.converge(), evaluation every `eval_every` epochs into metrics.csv, an atomic checkpoint.
 At the end: converged bounds, clean accuracy and CRA per ε, K(f), K(h∘f), lower bound, tightness → result.json.
@@ -99,30 +99,43 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+#: evaluate()'s timings (per split and rule, seconds per 1,000 points); result.json keeps them beside `eval`
+SECONDS_KEY = "cert_seconds_per_1000"
+
+
 def evaluate(model, method, data: DataBundle, cfg, splits=("test", "train")) -> Dict[str, object]:
-    """Converged bounds → clean accuracy and CRA per ε on each split (and each named test subset): `cra` under the
-    guaranteed bound (the certificate), `cra_power` under the converged power iteration (the paper's way),
-    `cra_published` under the method's published rule where it differs from the sound one."""
+    """Converged bounds → clean accuracy and CRA per ε on each split (and each named test subset), through
+    `certify.certify_split`: `cra` under the guaranteed bounds (the certificate), `cra_power` under the converged
+    power iteration (the paper's way), `cra_published` under the family's published rule where it has its own
+    and it differs. Each split records its certification time per 1,000 points (`cert_seconds_per_1000`, the
+    forward pass included) and, for an input-aware model, its per-point K̄ as mean and max (`K_local`)."""
     model.eval()
     model.converge(tol=float(cfg["converge_tol"]))
-    bound, power = model.certified_bound(), model.power_bound()
     eps = resolve_eps_names(cfg)
     dtype = certify.DTYPES[str(cfg["certify_dtype"])]
+    local = bool(getattr(model, "input_aware", False))
     out: Dict[str, object] = {}
+    seconds: Dict[str, object] = {}
     for split in splits:
         x, y = data.split(split)
-        logits = certify.predict(model, x, dtype, int(cfg["eval_batch"]), to_input=data.inputs)
+        sc = certify.certify_split(model, x, eps, dtype, int(cfg["eval_batch"]), to_input=data.inputs,
+                                   rules=certify.RULES)
         subsets = {split: None}
         if split == "test":
             subsets.update({f"test_{name}": mask.cpu() for name, mask in data.test_subsets.items()})
         for key, mask in subsets.items():
-            lg, yy = (logits, y.cpu()) if mask is None else (logits[mask], y.cpu()[mask])
-            out[key] = certify.evaluate_logits(lg, yy, bound, eps, data.num_classes)
-            out[key]["cra_power"] = certify.evaluate_logits(lg, yy, power, eps, data.num_classes)["cra"]
-            if mask is None:
-                published = method.published_cra(lg, yy, model, eps)
-                if published is not None and published != out[key]["cra"]:
+            out[key] = sc.summary(y, "sound", mask)
+            out[key]["cra_power"] = sc.summary(y, "power", mask)["cra"]
+            if mask is None and "published" in sc.certified:
+                published = sc.summary(y, "published")["cra"]
+                if published != out[key]["cra"]:
                     out[key]["cra_published"] = published
+            if local:
+                out[key]["K_local"] = sc.K_stats("sound", mask)
+                out[key]["K_local_power"] = sc.K_stats("power", mask)
+        per_1000 = 1000.0 / max(1, len(y))
+        seconds[split] = {r: round(t * per_1000, 4) for r, t in sc.seconds.items()}
+    out[SECONDS_KEY] = seconds   # timings, moved out of `eval` by finish_run (eval stays deterministic)
     model.train()
     return out
 
@@ -205,7 +218,8 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
                 xb = data.augment(xb, gen)
             yb = data.y_train[idx]
             logits = model(xb)
-            bound = model.bound(power_iter)
+            # the bound at this batch and the method's ε (input-aware nets; global ones ignore both)
+            bound = model.bound(x=xb, eps=method.bound_eps(step / total_steps), n_iter=power_iter)
             loss, logs = method.loss(logits, yb, bound, step / total_steps)
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == yb).sum()
@@ -273,10 +287,24 @@ def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
     return pairs, steps
 
 
+def local_K(model, ev: Dict[str, object]) -> Dict[str, object]:
+    """An input-aware model's K as the tables report it: the per-point K̄ of the test split, mean and max, at the
+    first certified ε, under the certificate (`K_f_local`) and the power-iterated published rule; empty for a
+    global model, whose K_f (the global bound) is the whole story."""
+    if not getattr(model, "input_aware", False):
+        return {}
+    test = ev["test"]
+    name = next(iter(test["K_local"]))
+    return {"K_kind": f"local: over the test split at ε = {name}",
+            "K_f_local": test["K_local"][name], "K_f_local_power": test["K_local_power"][name]}
+
+
 def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device,
                resumed_at=(), ev: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Evaluate (unless the last epoch already did, `ev`), bound from below, and write result.json."""
     ev = evaluate(model, method, data, cfg) if ev is None else ev
+    ev = dict(ev)
+    cert_seconds = ev.pop(SECONDS_KEY, None)
     bound, power = model.certified_bound(), model.power_bound()
     K_f = float(bound.max(data.num_classes))
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
@@ -294,8 +322,10 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
         "K_f": K_f, "K_up": float(bound.K_up), "K_hf": float(method.K_hf(bound)),
         "K_f_power": float(power.max(data.num_classes)), "K_up_power": float(power.K_up),
         "K_hf_power": float(method.K_hf(power)),
+        **local_K(model, ev),
         "layer_bounds": model.layer_bounds(), "layer_bounds_power": model.layer_bounds_power(),
         "lower_bound": lobo, "tightness": lobo / K_f if K_f > 0 else float("nan"),
+        SECONDS_KEY: cert_seconds,
         "lower_bound_pairs": lb_pairs, "lower_bound_steps": lb_steps,
         "params": count_parameters(model),
         "certificate": method.certificate,

@@ -75,7 +75,7 @@ def step_times(arch: str, batch: int, steps: int, device: torch.device, data_roo
 
     def cll_step():
         logits = model(x)
-        loss, _ = method.loss(logits, y, model.bound(power_iter), 0.5)
+        loss, _ = method.loss(logits, y, model.bound(n_iter=power_iter), 0.5)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -28,6 +28,16 @@ def is_finished(folder: Path) -> bool:
         return False
 
 
+def _user_errors() -> tuple:
+    from bench.config import ConfigError
+    from bench.data.base import DatasetNotFoundError
+    from bench.registry import UnknownNameError
+    return ConfigError, UnknownNameError, DatasetNotFoundError, store.CorruptRunError
+
+
+USER_ERRORS = _user_errors()
+
+
 def execute(cfg: Dict[str, object], results: str, on_epoch=None) -> Tuple[str, Optional[Dict[str, object]]]:
     """Train one run in this process under its folder lock. Returns (outcome, result): outcome `trained`,
     `finished` (another launch finished it meanwhile) or `held` (another process is training it; no result)."""
@@ -44,6 +54,8 @@ def execute(cfg: Dict[str, object], results: str, on_epoch=None) -> Tuple[str, O
             return "trained", train_run(cfg, folder, on_epoch=on_epoch)
         except DivergedError as e:
             return "trained", store.write_diverged(folder, cfg, str(e), e.train_seconds)
+        except USER_ERRORS:
+            raise  # bad input: the CLI's one-line error, exit 2
         except Exception as e:  # noqa: BLE001  (any bug or runtime failure: one line up, traceback to the log)
             log = folder / store.RUN_LOG
             store.atomic_write_text(log, f"{run_label(cfg)}\n{traceback.format_exc()}")

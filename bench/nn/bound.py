@@ -1,7 +1,7 @@
 """Pairwise Lipschitz bounds and the network that composes them.
 
-The one idea (design.md): a network answers `bound() → K`, the pairwise Lipschitz constants K_ij of the logit
-differences f_i − f_j, and x is certified at radius ε iff f_j(x) − f_i(x) > ε·K_ji for every i ≠ j, j the
+The one idea (design.md): a network answers `bound(x=None, eps=None) → K`, the pairwise Lipschitz constants K_ij
+of the logit differences f_i − f_j, and x is certified at radius ε iff f_j(x) − f_i(x) > ε·K_ji for every i ≠ j, j the
 predicted class. For a network `classifier ∘ features`, with K_up a bound on the features' Lipschitz constant,
 the classifier's pairwise constant is exact: K_ij = K_up·‖W_i − W_j‖₂ (biases cancel in f_i − f_j).
 """
@@ -114,6 +114,9 @@ class LipschitzNet(nn.Module):
     #: the family publishes certificates that take every layer as exactly 1-Lipschitz (SOC, CPL, SLL, Sandwich):
     #: result.json then records that rule's CRA as `cra_published` beside the sound one
     published_rule_nominal = False
+    #: the certificate depends on the input: such a network also answers `local_certificate(x, eps, rule)` and
+    #: `bound(x, eps)` holds only within the ε-balls around x (bench/certify.py `certify_split`)
+    input_aware = False
 
     def __init__(self, features: nn.Module, classifier: nn.Module, input_shape: Sequence[int],
                  num_classes: int, normalize: Optional[tuple] = None, last_layer_one_lipschitz: bool = False):
@@ -150,8 +153,9 @@ class LipschitzNet(nn.Module):
             return None
         return self.classifier.rows() if hasattr(self.classifier, "rows") else self.classifier.weight
 
-    def bound(self, n_iter: int = 5) -> PairwiseBound:
-        """Training-time pairwise bound: `n_iter` power-iteration steps per layer, gradient through σ."""
+    def bound(self, x: Optional[torch.Tensor] = None, eps: Optional[float] = None, n_iter: int = 5) -> PairwiseBound:
+        """Training-time pairwise bound: `n_iter` power-iteration steps per layer, gradient through σ. A global
+        bound holds everywhere, so it ignores the batch `x` and the radius `eps` (input-aware networks use both)."""
         # device and dtype from any parameter: a 1-Lipschitz last layer may have no `weight` (truncation, SOC)
         ref = next(self.parameters())
         K_up = torch.ones((), device=ref.device, dtype=ref.dtype)

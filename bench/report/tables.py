@@ -77,6 +77,10 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
             row["K_f_power"] = result.get("K_f_power")
         for key in ("K_f", "K_hf", "tightness", "lower_bound", "params", "train_seconds", "device"):
             row[key] = result.get(key)
+        if result.get("K_f_local"):  # an input-aware method: its K is per point, reported as mean and max
+            row["K_f"], row["K_f_max"] = result["K_f_local"]["mean"], result["K_f_local"]["max"]
+            if power:
+                row["K_f_power"] = result["K_f_local_power"]["mean"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -118,7 +122,7 @@ def _fmt_setting(v) -> str:
 
 
 METRIC_ORDER = ("clean", "CRA@ε_train", "CRA@36/255", "CRA@72/255", "CRA@108/255",
-                "pCRA@ε_train", "pCRA@36/255", "pCRA@72/255", "pCRA@108/255", "K_f", "K_f_power", "K_hf",
+                "pCRA@ε_train", "pCRA@36/255", "pCRA@72/255", "pCRA@108/255", "K_f", "K_f_max", "K_f_power", "K_hf",
                 "tightness")
 PERCENT = {"clean", "tightness"}
 #: columns where a larger mean is better: these get the bold best value and the (+x) deltas
@@ -177,7 +181,7 @@ def aggregate(df: pd.DataFrame, seeds_expected: Optional[int] = None) -> pd.Data
 
 
 HEADERS = {"clean": "Clean (%)", "CRA@ε_train": "CRA@ε (%)", "pCRA@ε_train": "CRA@ε PI (%)", "K_f": "K(f)",
-           "K_f_power": "K(f) PI", "K_hf": "K(h∘f)", "tightness": "Tightness (%)"}
+           "K_f_power": "K(f) PI", "K_hf": "K(h∘f)", "tightness": "Tightness (%)", "K_f_max": "K(f) max"}
 
 
 def header(m: str) -> str:
@@ -188,9 +192,6 @@ def header(m: str) -> str:
     if m.startswith("pCRA@"):
         return f"CRA {m[5:]} PI (%)"
     return m
-
-
-_header = header
 
 
 def _scale_digits(m: str, mean: float) -> Tuple[float, int]:
@@ -434,10 +435,16 @@ POWER_CAPTION = (" PI columns: CRA and K(f) under the converged power iteration,
                  "power iteration approaches the norm from below, so these are not certificates.")
 
 
+LOCAL_CAPTION = (" Input-aware methods (Local-Lip-B) certify each point with its own local bound: their K(f) is the"
+                 " mean of the per-point bound over the test split at the first certified ε, 'K(f) max' its maximum.")
+
+
 def caption_for(display: pd.DataFrame, base: str = CAPTION) -> str:
     text = base
     if any(" PI" in str(c) for c in display.columns):
         text += POWER_CAPTION
+    if "K(f) max" in display.columns:
+        text += LOCAL_CAPTION
     if display.attrs.get("baseline"):
         text += f" (+x): difference to the {display.attrs['baseline']} row of the same dataset, arch and ε."
     if "Note" in display and display["Note"].astype(bool).any():

@@ -643,4 +643,5 @@ _register("sandwich-linear", head="linear")    # CLL on Sandwich: unconstrained 
 
 
 __all__ = ["cayley", "orthonormality_deviation", "sandwich_constant", "SandwichConv", "SandwichFc", "SandwichLin",
-           "SandwichNet", "sandwich_modules", "LBDN_MEANS", "LBDN_AUGMENT", "LBDN_PIPELINE", "sandwich_inputs", "build_sandwich", "load_official_state_dict", "DNN_CONVS", "DNN_FCS"]
+           "SandwichNet", "sandwich_modules", "LBDN_MEANS", "LBDN_AUGMENT", "LBDN_PIPELINE", "sandwich_inputs",
+           "build_sandwich", "load_official_state_dict", "DNN_CONVS", "DNN_FCS"]

@@ -496,5 +496,6 @@ for _size, (_nc, _nd, _w, _di) in SLL_SIZES.items():
                           head=_head, variant=_variant)
 
 
-__all__ = ["SLLLayer", "SLLConv", "SLLLinear", "SLLNet", "SLL_SIZES", "SLL_AUGMENT", "SLL_MEANS", "SLL_PIPELINE", "sll_inputs", "sll_modules", "build_sll", "safe_inv",
+__all__ = ["SLLLayer", "SLLConv", "SLLLinear", "SLLNet", "SLL_SIZES", "SLL_AUGMENT", "SLL_MEANS", "SLL_PIPELINE",
+           "sll_inputs", "sll_modules", "build_sll", "safe_inv",
            "kernel_gram", "VARIANTS"]

@@ -29,7 +29,7 @@ row shifts; R₄ by the adjoint; zero padding only drops terms), each ‖R_r‖�
 channel padding and channel truncation have norm ≤ 1. Rounding inside the forward pass itself is not bounded,
 as for every family. Since σ is the min of the same four norms (from below), a ≈ k·correction after training,
 so the tail costs ~1e-6 per layer at 12 terms. The engine's block power iteration of the eval map gives the
-"power" column (from below). The published rule (`published_cra`) takes every layer as exactly 1:
+"power" column (from below). The published rule (`cra_published`) takes every layer as exactly 1:
 L = 1/min(std) (std 0.2507: L = 3.99), top1 − top2 > √2·ε·L, or with LLN min_j (z_top − z_j)/‖ŵ_top − ŵ_j‖ > ε·L.
 
 **Architectures** `lipconv-{10,20}` (LipConvNet-5b, b = 2 or 4): five stages of b SOC layers (b − 1 stride-1
