@@ -191,20 +191,17 @@ def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, obje
     """Clean accuracy, CRA (guaranteed), CRA (power) and, where the family has one, CRA under its published rule,
     per ε on each split and test subset, recomputed in float64 through the one certification path
     (`certify.certify_split`), side by side with result.json."""
-    from bench.train import resolve_eps_names
+    from bench.train import evaluation_split, resolve_eps_names
 
     eps = resolve_eps_names(cfg)
     recorded_eval = result.get("eval") or {}
     batch = int(cfg.get("eval_batch") or 4096)
     out: Dict[str, object] = {}
     for split in splits:
-        x, y = data.split(split)
+        x, y, subsets, _ = evaluation_split(data, cfg, split)   # the points the run certified
         y = y.cpu()
         # the bounds are the checkpoint model's; the forward runs on an exact float64 up-cast of it
         sc = certify.certify_split(model, x, eps, torch.float64, batch, to_input=data.inputs, rules=certify.RULES)
-        subsets = {split: None}
-        if split == "test":
-            subsets.update({f"test_{k}": m.cpu() for k, m in data.test_subsets.items()})
         sc32 = None
         for key, mask in subsets.items():
             yy = y if mask is None else y[mask]
@@ -252,7 +249,7 @@ def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, obje
                 }
             out[key] = entry
         if split == "test":
-            out["_test_logits"] = sc.logits  # for the attack (dropped before writing)
+            out["_test"] = (x, y, sc)  # for the attack (dropped before writing)
     return out
 
 
@@ -343,16 +340,37 @@ def margin_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target:
     return best, best_obj
 
 
-def attack_certified(model, model64, data, logits: torch.Tensor, bound, eps_min: float, opts: AuditOptions,
-                     device: torch.device) -> Dict[str, object]:
-    """Attack certified-and-correct test points at their certified radius (module docstring, step 3)."""
+def attack_plan(sc: "certify.SplitCertificates", y: torch.Tensor, eps_by_name: Dict[str, float], bound,
+                num_classes: int):
+    """(radius, certified ∧ correct, pairwise radius for choosing targets) per test point. A global bound gives
+    each point its exact certified radius min_i (f_y − f_i)/K_yi; an input-aware certificate holds per ε, so a
+    point's radius is the largest named ε it is certified at (sound rule) and the targets are the runner-ups by
+    logit gap."""
+    logits, y = sc.logits, y.cpu()
+    correct = logits.argmax(1) == y
+    if bound is not None:
+        radius = certify.certified_radius(logits, bound, num_classes)
+        cert = certify.certified(logits, bound, min(eps_by_name.values()), num_classes) & correct
+        _, gap, K = certify.margins(logits, bound, num_classes)
+        pair_radius = torch.where(K > 0, gap / K.clamp_min(1e-300), torch.full_like(gap, float("inf")))
+    else:
+        radius = torch.zeros(len(y), dtype=torch.float64)
+        for name, e in eps_by_name.items():
+            radius = torch.where(sc.certified["sound"][name], torch.clamp(radius, min=e), radius)
+        cert = (radius > 0) & correct
+        pair_radius = (logits.gather(1, logits.argmax(1, keepdim=True)) - logits).clone()
+    pair_radius.scatter_(1, y[:, None], float("inf"))
+    return radius, cert, pair_radius
+
+
+def attack_certified(model, model64, data, x_all: torch.Tensor, y_all: torch.Tensor, plan, eps_min: float,
+                     opts: AuditOptions, device: torch.device) -> Dict[str, object]:
+    """Attack certified-and-correct test points at their certified radius (module docstring, step 3); `plan` is
+    attack_plan's (radius, certified ∧ correct, pairwise radius)."""
     t0 = time.perf_counter()
     num_classes = data.num_classes
-    x_all, y_all = data.split("test")
     y_all = y_all.cpu()
-    radius = certify.certified_radius(logits, bound, num_classes)
-    correct = logits.argmax(1) == y_all
-    cert = certify.certified(logits, bound, eps_min, num_classes) & correct
+    radius, cert, pair_radius = plan
     candidates = torch.nonzero(cert).flatten()
     gen = torch.Generator().manual_seed(int(opts.seed))
     if opts.points and len(candidates) > opts.points:
@@ -366,9 +384,6 @@ def attack_certified(model, model64, data, logits: torch.Tensor, bound, eps_min:
     batch = opts.batch or (min(16384, max(1024, 2 ** 23 // numel)) if device.type == "cuda"
                            else min(8192, max(256, 2 ** 19 // numel)))
     points_per_batch = max(1, batch // rows_per_point)
-    _, gap, K = certify.margins(logits, bound, num_classes)
-    pair_radius = torch.where(K > 0, gap / K.clamp_min(1e-300), torch.full_like(gap, float("inf")))
-    pair_radius.scatter_(1, y_all[:, None], float("inf"))
 
     broken: List[Dict[str, object]] = []
     ratios = []
@@ -608,7 +623,7 @@ def audit_run(folder: os.PathLike, opts: Optional[AuditOptions] = None, write: b
     if want_train:
         splits.append("train")
     rec = recertify(model, data, cfg, result, splits)
-    test_logits = rec.pop("_test_logits")
+    x_test, y_test, test_sc = rec.pop("_test")
     audit["recertify"] = {"dtype": "float64", "splits": rec, "seconds": round(time.perf_counter() - t0, 3)}
     n_disagree, notes = 0, []
     for key, entry in rec.items():
@@ -644,8 +659,10 @@ def audit_run(folder: os.PathLike, opts: Optional[AuditOptions] = None, write: b
     # 3. attack certified points at their certified radius
     from bench.train import resolve_eps_names
 
-    eps_min = min(resolve_eps_names(cfg).values())
-    attack = attack_certified(model, model64, data, test_logits, bound, eps_min, opts, device)
+    eps_names = resolve_eps_names(cfg)
+    plan = attack_plan(test_sc, y_test, eps_names, None if getattr(model, "input_aware", False) else bound,
+                       num_classes)
+    attack = attack_certified(model, model64, data, x_test, y_test, plan, min(eps_names.values()), opts, device)
     audit["attack"] = attack
     for b in attack["broken"]:
         findings.append(Finding("broken", f"broken certificate: test point {b['index']} (label {b['label']}) "

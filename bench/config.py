@@ -39,6 +39,8 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "lr_schedule": "step",        # see bench/optim.py
     "lr_milestones": [],          # epochs of the protocol where lr is multiplied by lr_gamma
     "lr_gamma": 0.1,
+    "lr_end": None,               # lr_schedule exp: the final lr
+    "lr_more": None,              # lr_schedule exp: epochs (of the protocol) past E/2 before the decay starts
     "protocol_epochs": None,      # the epoch count the milestones refer to; shorter runs scale them
     "power_iter": 5,              # power-iteration steps per training step (supplement B)
     "converge_tol": 1e-9,         # relative tolerance of the epoch-end convergence
@@ -49,6 +51,7 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "lower_bound_steps": 1000,
     "lower_bound_lr": 3e-4,
     "train_subset": None,         # train on a fixed, seeded subset of N examples (smoke runs)
+    "eval_points_short": None,    # a short run certifies only the first N test points (None: all)
     "data_seed": None,            # None: the run's seed
     "normalize": None,            # None or [mean, std] per channel; 1/min(std) enters K
     "augment": False,
@@ -127,9 +130,17 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
     return cfg
 
 
+def is_short_run(cfg: Mapping[str, object]) -> bool:
+    """Fewer epochs than the protocol, or a training subset: a smoke run, never presented as a reproduction.
+    Such runs use the `*_short` budgets where a dataset or method sets them."""
+    proto = cfg.get("protocol_epochs")
+    return bool(cfg.get("train_subset")) or bool(proto and int(cfg["epochs"]) < int(proto))
+
+
 def config_hash(cfg: Mapping[str, object]) -> str:
-    """A short hash of everything that changes results (seed and execution keys excluded)."""
-    semantic = {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and k != "seed"}
+    """A short hash of everything that changes results (seed and execution keys excluded). Keys left at None are
+    left out, so a new option whose default is None (off) keeps every existing run's hash."""
+    semantic = {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and k != "seed" and v is not None}
     blob = json.dumps(semantic, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

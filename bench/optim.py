@@ -5,6 +5,9 @@ The lr schedule is stepped once per iteration. `lr_schedule: step` multiplies th
 milestones scaled in proportion, e.g. 400/600/780 of 800 becomes 50%, 75% and 97.5% of the run (SOC's
 ×0.1 at 50% and 75% of the steps is `lr_milestones: [100, 150]` of `protocol_epochs: 200`).
 
+`lr_schedule: exp` is Local-Lip-B's (`utils.lr_exp`, stepped per epoch): constant until epoch E/2 + `lr_more`
+(25 of 800 epochs, scaled with the run), then exponential decay to `lr_end` at the last epoch.
+
 `lr_schedule: triangular` is CPL's piecewise-linear schedule (Meunier et al. 2022, `TriangularLRScheduler`):
 0 → lr at 2/5 of the steps → lr/20 at 4/5 → 0 at the end, stepped per iteration over the run's own length.
 The official CPL trainer calls it with t = epoch·len + batch + 1 and epochs counted from 1, i.e. one epoch
@@ -52,7 +55,29 @@ def make_lr_scheduler(cfg: Mapping[str, object], opt: torch.optim.Optimizer, ste
     if kind == "triangular":
         total = max(1, int(cfg["epochs"]) * steps_per_epoch)
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: triangular_factor(k + 1, total))
-    raise ValueError(f"unknown lr_schedule {kind!r}; use 'step' or 'triangular'")
+    if kind == "exp":
+        epochs = int(cfg["epochs"])
+        more = lr_scaled_epochs(cfg, float(cfg["lr_more"]))
+        ratio = float(cfg["lr_end"]) / float(cfg["lr"])
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: exp_tail_factor(k // max(1, steps_per_epoch), epochs, more, ratio))
+    raise ValueError(f"unknown lr_schedule {kind!r}; use 'step', 'triangular' or 'exp'")
+
+
+def lr_scaled_epochs(cfg: Mapping[str, object], protocol_value: float) -> int:
+    """An epoch count of the protocol, scaled to the run's length (as the milestones are)."""
+    epochs = int(cfg["epochs"])
+    protocol = int(cfg.get("protocol_epochs") or epochs)
+    return int(math.floor(protocol_value * epochs / protocol + 0.5))
+
+
+def exp_tail_factor(epoch: int, epochs: int, more: int, ratio: float) -> float:
+    """Local-Lip-B's `lr_exp` (utils.py), per epoch: the lr holds until epoch E//2 + more, then decays
+    exponentially to ratio·lr at the last epoch: factor = ratio^((e − (E//2 + more − 1)) / (E//2 − more))."""
+    start = epochs // 2 + more
+    if epoch < start:
+        return 1.0
+    return ratio ** ((epoch - (start - 1)) / max(1, epochs // 2 - more))
 
 
 def triangular_factor(t: int, total: int) -> float:

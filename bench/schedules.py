@@ -6,7 +6,9 @@ A config value is a number (constant) or a mapping:
   {schedule: log_half, start: a, end: b}         the same over the first half, then b (GloRo `logarithmic_half`)
   {schedule: linear, start: a, end: b}           v(t) = a + (b − a)·t/T
 Any of them takes `until: u` ∈ (0, 1]: it reaches its end at progress u and holds it (Table B4's TRADES factor,
-linear 0.5 → 20 reached at epoch 400 of 800, is {schedule: linear, start: 0.5, end: 20, until: 0.5}).
+linear 0.5 → 20 reached at epoch 400 of 800, is {schedule: linear, start: 0.5, end: 20, until: 0.5}), and
+`after: a` ∈ [0, u): it holds its start until progress a (Local-Lip-B's warm-up: ε = 0 for 20 of 800 epochs, then
+a linear ramp, is {schedule: linear, start: 0, end: ε, after: 20/800, until: 419/800}).
 """
 from __future__ import annotations
 
@@ -46,15 +48,17 @@ def make_schedule(value: Value) -> Callable[[float], float]:
         kind = spec.pop("schedule", None)
         if kind not in _KINDS:
             raise ValueError(f"unknown schedule {kind!r}; use one of {sorted(_KINDS)}")
-        until = spec.pop("until", 1.0)
+        until, after = spec.pop("until", 1.0), spec.pop("after", 0.0)
         if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0.0 < float(until) <= 1.0:
             raise ValueError(f"schedule {kind!r}: `until` must be a fraction of training in (0, 1], got {until!r}")
+        if isinstance(after, bool) or not isinstance(after, (int, float)) or not 0.0 <= float(after) < float(until):
+            raise ValueError(f"schedule {kind!r}: `after` must be a fraction of training in [0, until), got {after!r}")
         try:
             fn = _KINDS[kind](**{k: float(v) for k, v in spec.items()})
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad arguments for schedule {kind!r}: {sorted(spec)}") from e
-        until = float(until)
-        return lambda t: fn(min(max(t / until, 0.0), 1.0))
+        until, after = float(until), float(after)
+        return lambda t: fn(min(max((t - after) / (until - after), 0.0), 1.0))
     raise ValueError(f"expected a number or a schedule mapping, got {value!r}")
 
 

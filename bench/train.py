@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bench import certify, store
+from bench.config import is_short_run
 from bench.store import git_commit
 from bench.optim import make_lr_scheduler, make_optimizer
 from bench.data.base import DataBundle
@@ -77,6 +78,8 @@ def build_model(cfg: Mapping[str, object], data: DataBundle, device="cpu"):
     normalize = cfg.get("normalize")
     model = ARCHS.get(str(cfg["arch"]))(data.input_shape, data.num_classes,
                                         normalize=tuple(normalize) if normalize else None)
+    if hasattr(model, "configure"):  # a network with options of its own in the config (Local-Lip-B's iterations)
+        model.configure(cfg)
     return model.to(device)
 
 
@@ -99,6 +102,20 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def evaluation_split(data: DataBundle, cfg: Mapping[str, object], split: str):
+    """(x, y, {name: mask or None}, limited) of a split as evaluation certifies it: the split itself (mask None)
+    and, for the test split, its named subsets (e.g. `test_lossless`). A short run with `eval_points_short` set
+    (an expensive input-aware certificate) certifies the first N test points only (`limited`)."""
+    x, y = data.split(split)
+    limited = split == "test" and is_short_run(cfg) and bool(cfg.get("eval_points_short"))
+    if limited:
+        x, y = x[:int(cfg["eval_points_short"])], y[:int(cfg["eval_points_short"])]
+    subsets = {split: None}
+    if split == "test":
+        subsets.update({f"test_{name}": mask.cpu()[:len(y)] for name, mask in data.test_subsets.items()})
+    return x, y, subsets, limited
+
+
 #: evaluate()'s timings (per split and rule, seconds per 1,000 points); result.json keeps them beside `eval`
 SECONDS_KEY = "cert_seconds_per_1000"
 
@@ -117,14 +134,13 @@ def evaluate(model, method, data: DataBundle, cfg, splits=("test", "train")) -> 
     out: Dict[str, object] = {}
     seconds: Dict[str, object] = {}
     for split in splits:
-        x, y = data.split(split)
+        x, y, subsets, limited = evaluation_split(data, cfg, split)
         sc = certify.certify_split(model, x, eps, dtype, int(cfg["eval_batch"]), to_input=data.inputs,
                                    rules=certify.RULES)
-        subsets = {split: None}
-        if split == "test":
-            subsets.update({f"test_{name}": mask.cpu() for name, mask in data.test_subsets.items()})
         for key, mask in subsets.items():
             out[key] = sc.summary(y, "sound", mask)
+            if limited:
+                out[key]["points"] = int(len(y) if mask is None else mask.sum())
             out[key]["cra_power"] = sc.summary(y, "power", mask)["cra"]
             if mask is None and "published" in sc.certified:
                 published = sc.summary(y, "published")["cra"]
@@ -230,6 +246,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            model.project_()  # parameters with constraints (Local-Lip-B's thresholds θ ≥ 0) back onto their sets
             sched.step()
             step += 1
         if not torch.isfinite(loss_sum):
@@ -278,8 +295,7 @@ def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
     (supplement C: 4000 × 1000); a short run (fewer epochs than its protocol, or a train subset) uses at most
     `lower_bound_pairs_short`/`_steps_short` where the dataset sets them. result.json records what was used."""
     pairs, steps = int(cfg["lower_bound_pairs"]), int(cfg["lower_bound_steps"])
-    proto = cfg.get("protocol_epochs")
-    if cfg.get("train_subset") or (proto and int(cfg["epochs"]) < int(proto)):
+    if is_short_run(cfg):
         if cfg.get("lower_bound_pairs_short") is not None:
             pairs = min(pairs, int(cfg["lower_bound_pairs_short"]))
         if cfg.get("lower_bound_steps_short") is not None:

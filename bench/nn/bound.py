@@ -127,6 +127,7 @@ class LipschitzNet(nn.Module):
         self.num_classes = num_classes
         self.last_layer_one_lipschitz = last_layer_one_lipschitz
         self._layers = list(bounded_layers(features))
+        self._projected = [m for m in self.modules() if m is not self and hasattr(m, "project_")]
         if normalize is not None:
             mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in normalize)
             shape = (1, -1) + (1,) * (len(self.input_shape) - 1)
@@ -141,6 +142,11 @@ class LipschitzNet(nn.Module):
             self.eval()
             self(torch.zeros(1, *self.input_shape))
             self.train(was_training)
+
+    def project_(self) -> None:
+        """After each optimizer step: modules with constrained parameters (`project_()`) project back."""
+        for module in self._projected:
+            module.project_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_mean is not None:

@@ -49,8 +49,6 @@ def short_note(cfg: dict) -> str:
     return ", ".join(notes)
 
 
-_short_note = short_note  # the name other modules used first
-
 
 def eps_train_column(cfg: dict, name: str) -> bool:
     """Whether CRA name `name` is the training ε (cert_eps entry "eps"), shown in one 'CRA@ε_train' column."""
