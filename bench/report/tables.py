@@ -49,7 +49,6 @@ def short_note(cfg: dict) -> str:
     return ", ".join(notes)
 
 
-
 def eps_train_column(cfg: dict, name: str) -> bool:
     """Whether CRA name `name` is the training ε (cert_eps entry "eps"), shown in one 'CRA@ε_train' column."""
     return (cfg.get("eps") is not None and "eps" in (cfg.get("cert_eps") or [])
