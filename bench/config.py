@@ -140,7 +140,16 @@ def is_short_run(cfg: Mapping[str, object]) -> bool:
 def config_hash(cfg: Mapping[str, object]) -> str:
     """A short hash of everything that changes results (seed and execution keys excluded). Keys left at None are
     left out, so a new option whose default is None (off) keeps every existing run's hash."""
-    semantic = {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and k != "seed" and v is not None}
+    return _hash({k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and k != "seed" and v is not None})
+
+
+def config_hashes_accepted(cfg: Mapping[str, object]) -> set:
+    """The hashes a stored config.yaml may carry: today's, and the earlier scheme that hashed None values too, so
+    run folders written before the change still read as intact."""
+    return {config_hash(cfg), _hash({k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and k != "seed"})}
+
+
+def _hash(semantic: Mapping[str, object]) -> str:
     blob = json.dumps(semantic, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

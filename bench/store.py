@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 import yaml
 
-from bench.config import config_hash
+from bench.config import config_hash, config_hashes_accepted
 
 RESULT = "result.json"
 CONFIG = "config.yaml"
@@ -173,7 +173,7 @@ def read_result(folder: Path) -> Dict[str, object]:
     if result.get("checksum") != _payload_checksum(result):
         raise CorruptRunError(f"{folder}: {RESULT} does not match its checksum (edited by hand or damaged)")
     cfg = read_config(folder)
-    if config_hash(cfg) != result["config_hash"] or folder.parent.name != result["config_hash"]:
+    if result["config_hash"] not in config_hashes_accepted(cfg) or folder.parent.name != result["config_hash"]:
         raise CorruptRunError(f"{folder}: config hash mismatch (config.yaml edited or folder moved)")
     if int(cfg.get("seed", -1)) != int(result["seed"]) or folder.name != f"seed-{result['seed']}":
         raise CorruptRunError(f"{folder}: seed mismatch between folder, config and result")
