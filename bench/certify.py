@@ -177,7 +177,9 @@ def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str
 
     A global network (`input_aware` false) is certified from its logits and one pairwise bound per rule, computed
     once (`certified`: f_j − f_i > ε·K_ji). An input-aware network answers per batch and per ε,
-    `model.local_certificate(x, eps, rule) → (certified [B], K̄ [B])`: its bound holds only within that ε-ball.
+    `model.local_certificate(x, eps, rule) → (certified [B], K̄ [B], predicted class [B])`: its bound holds only
+    within that ε-ball. It certifies the float64 input (the exact stored value, not its float32 rounding), and a
+    point counts only where its certified class is the class the split's logits predict.
     The `published` rule is left out for a model that has none of its own. Forward passes run in `dtype` with TF32
     off; `seconds` is each rule's wall time, the forward pass included."""
     rules = [r for r in rules if r != "published" or _has_published_rule(model)]
@@ -203,23 +205,27 @@ def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str
     logits = []
     with exact_matmul(), torch.no_grad():
         for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device)
-            xb = to_input(xb, dtype) if to_input is not None else xb.to(dtype)
+            raw = x[start:start + batch_size].to(device)
+            xb = to_input(raw, dtype) if to_input is not None else raw.to(dtype)
+            x64 = to_input(raw, torch.float64) if to_input is not None else raw.to(torch.float64)
             t0 = time.perf_counter()
-            logits.append(model(xb).to(torch.float64).cpu())
+            lg = model(xb).to(torch.float64)
+            logits.append(lg.cpu())
             forward = time.perf_counter() - t0
             for rule in rules:
                 t0 = time.perf_counter()
                 for name, e in eps_by_name.items():
-                    ok, K = model.local_certificate(xb, e, rule)
+                    ok, K, predicted = model.local_certificate(x64, e, rule)
+                    ok = ok & (predicted.to(lg.device) == lg.argmax(dim=1))
                     chunks[rule][name][0].append(ok.cpu())
                     chunks[rule][name][1].append(K.to(torch.float64).cpu())
                 seconds[rule] += forward + time.perf_counter() - t0
-    out = SplitCertificates(torch.cat(logits) if logits else torch.empty(0, 0, dtype=torch.float64),
+    empty_flags, empty_K = torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
+    out = SplitCertificates(torch.cat(logits) if logits else torch.empty(0, model.num_classes, dtype=torch.float64),
                             seconds=seconds)
     for rule in rules:
-        out.certified[rule] = {k: torch.cat(v[0]) for k, v in chunks[rule].items()}
-        out.K[rule] = {k: torch.cat(v[1]) for k, v in chunks[rule].items()}
+        out.certified[rule] = {k: torch.cat(v[0]) if v[0] else empty_flags for k, v in chunks[rule].items()}
+        out.K[rule] = {k: torch.cat(v[1]) if v[1] else empty_K for k, v in chunks[rule].items()}
     return out
 
 

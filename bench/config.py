@@ -113,6 +113,10 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
     if takes and gives is not None and takes != data_kind(gives):
         raise ConfigError(f"architecture {spec['arch']!r} takes {takes}s but dataset {spec['dataset']!r} gives "
                           f"{data_kind(gives)}s (its default dataset is {getattr(arch, 'default_dataset', '?')})")
+    families = getattr(method, "families", None)
+    if families and getattr(arch, "family", None) not in families:
+        raise ConfigError(f"method {spec['method']!r} trains only {', '.join(families)} architectures "
+                          f"(e.g. {', '.join(sorted(method.arch_aliases)) or '?'}), not {spec['arch']!r}")
     known = known_keys(spec["method"], spec["dataset"])
     unknown = [k for k in spec if k not in known]
     if unknown:

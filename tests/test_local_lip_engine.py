@@ -28,11 +28,19 @@ def tiny_plugins():
                           domain=(0.0, 1.0), scale=255.0)
     load.input_shape, load.defaults = shape, {"cert_eps": ["0.02", "0.05"]}
     DATASETS.register("_ll-images")(load)
-    ARCHS.register("_ll-tiny")(lambda s, n, normalize=None: ll.build_local_lip(s, n, normalize, layers=TINY,
-                                                                               init=1.0))
+    def tiny(s, n, normalize=None):
+        return ll.build_local_lip(s, n, normalize, layers=TINY, init=1.0)
+    tiny.family = "local_lip"
+    ARCHS.register("_ll-tiny")(tiny)
     yield
     DATASETS._entries.pop("_ll-images")
     ARCHS._entries.pop("_ll-tiny")
+
+
+def test_local_lip_refuses_a_global_architecture():
+    from bench.config import ConfigError
+    with pytest.raises(ConfigError, match="trains only local_lip"):
+        resolve({"method": "local-lip", "arch": "4c3f-k3", "dataset": "cifar10"})
 
 
 def test_recipe_and_schedule():

@@ -50,6 +50,7 @@ def execute(cfg: Dict[str, object], results: str, on_epoch=None) -> Tuple[str, O
     try:
         if is_finished(folder):  # finished by another launch between our check and the lock
             return "finished", store.read_result(folder)
+        (folder / store.RUN_LOG).unlink(missing_ok=True)  # a failure log of an earlier attempt is history
         try:
             return "trained", train_run(cfg, folder, on_epoch=on_epoch)
         except DivergedError as e:

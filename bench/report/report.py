@@ -150,6 +150,8 @@ def fig_cra_vs_eps(runs, load: RunCache, outdir: Path, split: str = "test"):
     labels = _series_labels(runs)
     curves = []
     for h, members in _complete_by_hash(runs).items():
+        if any(r.get("K_f_local") for r, _ in members):
+            continue  # an input-aware certificate holds per ε, not up to a radius: it has no curve (tables only)
         seeds = [figures.correct_radii(load(cfg), split)
                  for _, cfg in sorted(members, key=lambda rc: rc[0]["seed"])]
         curves.append((labels[h], seeds))

@@ -74,8 +74,10 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
             row["K_f_power"] = result.get("K_f_power")
         for key in ("K_f", "K_hf", "tightness", "lower_bound", "params", "train_seconds", "device"):
             row[key] = result.get(key)
-        if result.get("K_f_local"):  # an input-aware method: its K is per point, reported as mean and max
+        if result.get("K_f_local"):  # an input-aware method: its K is per point, reported as mean and max;
+            # K(h∘f) and tightness rest on the global bound, so they are left blank rather than mixed in
             row["K_f"], row["K_f_max"] = result["K_f_local"]["mean"], result["K_f_local"]["max"]
+            row["K_hf"] = row["tightness"] = None
             if power:
                 row["K_f_power"] = result["K_f_local_power"]["mean"]
         rows.append(row)

@@ -195,10 +195,11 @@ class LocalLipNet(LipschitzNet):
                           penultimate_radius(eps * factor, norms), ib.centre, ib.radius)
 
     def local_certificate(self, x: torch.Tensor, eps: float, rule: str = "sound"):
-        """(certified [B], K̄ [B]) for bench/certify.py: K̄ = K(x)·max_ij ‖W_i − W_j‖ (float64)."""
+        """(certified [B], K̄ [B], predicted class [B]) for bench/certify.py: K̄ = K(x)·max_ij ‖W_i − W_j‖
+        (float64)."""
         cert = local_certificate(self, x, eps, rule, n_iter=self.cert_n_iter, opt_iter=self.cert_opt_iter)
         spread = pairwise_distances(self.classifier.weight.detach().double()).max().to(cert.K.device)
-        return cert.certified, cert.K * spread
+        return cert.certified, cert.K * spread, cert.predicted
 
 
 @dataclass
