@@ -187,6 +187,10 @@ def _compare(rec, new, n: int) -> Dict[str, object]:
     return entry
 
 
+#: values per float64 re-certification batch (2^19: 170 CIFAR images, 42 Tiny-ImageNet images)
+RECERTIFY_VALUES = 2 ** 19
+
+
 def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, object]:
     """Clean accuracy, CRA (guaranteed), CRA (power) and, where the family has one, CRA under its published rule,
     per ε on each split and test subset, recomputed in float64 through the one certification path
@@ -195,7 +199,12 @@ def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, obje
 
     eps = resolve_eps_names(cfg)
     recorded_eval = result.get("eval") or {}
+    # float64 activations of a whole eval batch of a wide net (SLL-S: 4096 images) exceed a 24 GB machine: the
+    # re-certification batches by input size (the batch does not change any certificate)
+    # (an input-aware certificate's iterations stop batch-wide, so it keeps the run's own batch)
     batch = int(cfg.get("eval_batch") or 4096)
+    if not getattr(model, "input_aware", False):
+        batch = min(batch, max(16, RECERTIFY_VALUES // max(1, math.prod(int(d) for d in data.input_shape))))
     out: Dict[str, object] = {}
     for split in splits:
         x, y, subsets, _ = evaluation_split(data, cfg, split)   # the points the run certified
