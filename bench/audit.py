@@ -212,7 +212,8 @@ def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, obje
         x, y, subsets, _ = evaluation_split(data, cfg, split)   # the points the run certified
         y = y.cpu()
         # the bounds are the checkpoint model's; the forward runs on an exact float64 up-cast of it
-        sc = certify.certify_split(model, x, eps, torch.float64, batch, to_input=data.inputs, rules=certify.RULES)
+        sc = certify.certify_split(model, x, eps, torch.float64, batch, to_input=data.inputs, rules=certify.RULES,
+                                  converge_tol=float(cfg["converge_tol"]))
         sc32 = None
         for key, mask in subsets.items():
             yy = y if mask is None else y[mask]
@@ -241,7 +242,8 @@ def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, obje
                 # does it certify differently from float64?
                 if sc32 is None:
                     dtype = certify.DTYPES[str(cfg["certify_dtype"])]
-                    sc32 = certify.certify_split(model, x, eps, dtype, batch, to_input=data.inputs, rules=("sound",))
+                    sc32 = certify.certify_split(model, x, eps, dtype, batch, to_input=data.inputs, rules=("sound",),
+                                                 converge_tol=float(cfg["converge_tol"]))
                 ev32 = sc32.summary(y, "sound", mask)
                 correct64 = (sc.logits.argmax(1) == y) if mask is None else (sc.logits.argmax(1) == y)[mask]
                 correct32 = (sc32.logits.argmax(1) == y) if mask is None else (sc32.logits.argmax(1) == y)[mask]

@@ -171,7 +171,7 @@ def _global_bound(model, rule: str) -> Optional[PairwiseBound]:
 
 def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str, float],
                   dtype: torch.dtype = torch.float32, batch_size: int = 4096, to_input=None,
-                  rules: Sequence[str] = ("sound", "power")) -> SplitCertificates:
+                  rules: Sequence[str] = ("sound", "power"), converge_tol: float = 1e-9) -> SplitCertificates:
     """Certify every point of a split at every named ε under each rule: the one certification path of lipbench
     (training's evaluation, `bench audit`, `load_run(...).certified`).
 
@@ -181,7 +181,8 @@ def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str
     within that ε-ball. It certifies the float64 input (the exact stored value, not its float32 rounding), and a
     point counts only where its certified class is the class the split's logits predict.
     The `published` rule is left out for a model that has none of its own. Forward passes run in `dtype` with TF32
-    off; `seconds` is each rule's wall time, the forward pass included."""
+    off; `seconds` is each rule's wall time, the forward pass included. `converge_tol` is the run's own tolerance,
+    used when an input-aware model is up-cast to `dtype` and its layers re-converged."""
     rules = [r for r in rules if r != "published" or _has_published_rule(model)]
     if not getattr(model, "input_aware", False):
         t0 = time.perf_counter()
@@ -199,7 +200,7 @@ def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str
     device = next(model.parameters()).device
     if next(model.parameters()).dtype != dtype:  # an exact up-cast copy; its layers' bounds are recomputed for it
         model = copy.deepcopy(model).to(dtype)
-        model.converge()
+        model.converge(tol=converge_tol)
     chunks = {r: {k: ([], []) for k in eps_by_name} for r in rules}
     seconds = dict.fromkeys(rules, 0.0)
     logits = []

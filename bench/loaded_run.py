@@ -48,7 +48,8 @@ class Run:
         certified), through the one certification path (`certify_split`; per batch and per ε for input-aware
         models). `rule="power"` gives the paper's power-iteration rule, which is not a certificate."""
         dtype = DTYPES[str(self.config["certify_dtype"])]
-        split = certify_split(self.model, x, {"eps": float(eps)}, dtype, rules=(rule,))
+        split = certify_split(self.model, x, {"eps": float(eps)}, dtype, rules=(rule,),
+                              converge_tol=float(self.config["converge_tol"]))
         return split.certified[rule]["eps"]
 
 

@@ -138,7 +138,7 @@ def evaluate(model, method, data: DataBundle, cfg, splits=("test", "train")) -> 
     for split in splits:
         x, y, subsets, limited = evaluation_split(data, cfg, split)
         sc = certify.certify_split(model, x, eps, dtype, int(cfg["eval_batch"]), to_input=data.inputs,
-                                   rules=certify.RULES)
+                                   rules=certify.RULES, converge_tol=float(cfg["converge_tol"]))
         for key, mask in subsets.items():
             out[key] = sc.summary(y, "sound", mask)
             if limited:

@@ -123,6 +123,8 @@ EPS, LOCAL_TOL, GLOBAL_TOL = 1e-12, 1e-3, 1e-4
 #: iterations between host reads of a loop's stop flag (the loops freeze once the flag is set, so the official
 #: stopping iteration is reproduced exactly; this only bounds the wasted steps)
 CHECK_EVERY = 16
+#: seed of the published rule's random start at certification (the official code draws from the global RNG)
+CERT_SEED = 0
 _UP = 1.0 + 4.0 * U          # one rounded product or sum, raised
 _TINY = 1e-290               # absolute allowance for underflow
 
@@ -455,9 +457,11 @@ def _input_mask(masks: Sequence[torch.Tensor], k: int, shape: Sequence[int]) -> 
 
 def local_layer_norms(net: LocalLipNet, masks: Sequence[torch.Tensor], n_iter: int,
                       init_vectors: Optional[Sequence[torch.Tensor]] = None,
-                      tol: float = LOCAL_TOL) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                      tol: float = LOCAL_TOL, generator: Optional[torch.Generator] = None
+                      ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Per-sample power iteration on D_k W_k D_{k−1} (official `local_linear`): (σ [B, L], final iterates u per
-    layer, [B, *input shape], for warm starts). From below: not a certificate. Differentiable in the weights."""
+    layer, [B, *input shape], for warm starts). From below: not a certificate. Differentiable in the weights.
+    Without `init_vectors` the start is Gaussian, drawn from `generator` (the global RNG when None)."""
     if n_iter < 1:
         raise ValueError("the official local power iteration needs at least one step")
     norms, vecs = [], []
@@ -468,7 +472,7 @@ def local_layer_norms(net: LocalLipNet, masks: Sequence[torch.Tensor], n_iter: i
         d_in = None if d_in is None else d_in.to(w.dtype)
         B = d_out.shape[0]
         u = (init_vectors[k].to(w) if init_vectors is not None
-             else torch.randn(B, *shape, dtype=w.dtype, device=w.device))
+             else torch.randn(B, *shape, dtype=w.dtype, device=w.device, generator=generator))
         v, done = None, torch.zeros((), dtype=torch.bool, device=w.device)
         for it in range(n_iter):
             u_prev = u
@@ -695,13 +699,15 @@ def local_certificate(net: LocalLipNet, x: torch.Tensor, eps: float, rule: str =
                       explicit_limit: Optional[int] = None) -> LocalCertificate:
     """Local-Lip-B certificate of x at radius ε (data units). rule "published"/"power": the official arithmetic
     (global ball from `power_bound()`, or from the official iteration started at `global_init`; local norms from
-    `init_vectors` or random; `n_iter` steps, `opt_iter` BCP rounds). rule "sound": guaranteed bounds only
+    `init_vectors` or a Gaussian start seeded with `CERT_SEED`; `n_iter` steps, `opt_iter` BCP rounds). rule "sound": guaranteed bounds only
     (module docstring), float64; needs `net.converge()`."""
     with torch.no_grad():
         if rule in ("published", "power"):
             g = None if global_init is None else official_global_norms(net, n_iter, global_init)[0]
             ib = interval_bounds(net, x, eps, g)
-            norms, vecs = local_layer_norms(net, ib.masks, n_iter, init_vectors)
+            # a fixed seed per batch: the published CRA is reproducible and leaves the training RNG untouched
+            start = None if init_vectors is not None else torch.Generator(x.device).manual_seed(CERT_SEED)
+            norms, vecs = local_layer_norms(net, ib.masks, n_iter, init_vectors, generator=start)
             factor = 1.0 if net.norm_mean is None else net.input_factor
             r = penultimate_radius(eps * factor, norms)
             j = ib.logits.argmax(1)
