@@ -7,7 +7,7 @@ official CLL code (`util.init_weights`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -22,31 +22,41 @@ def _init(layer: nn.Module) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def build_plain(spec: Sequence[tuple], input_shape: Sequence[int], num_classes: int,
-                normalize: Optional[tuple] = None) -> LipschitzNet:
-    """Unconstrained conv/dense layers with power-iterated bounds (GloRo, CLL on 4C3F/6C2F/8C2F, moons)."""
-    layers = []
-    channels, h, w = (input_shape[0], *input_shape[1:]) if len(input_shape) == 3 else (input_shape[0], None, None)
-    flat = None if len(input_shape) == 3 else input_shape[0]
+def spec_features(spec: Sequence[tuple], input_shape: Sequence[int], activation: Callable[[tuple], nn.Module],
+                  conv_init: Optional[Callable[[nn.Conv2d], None]] = None) -> Tuple[List[nn.Module], int]:
+    """The feature modules of a Table B2 spec and their flattened width: convolutions first, then dense layers,
+    each followed by `activation(its output shape)`; a Flatten before the first dense layer (or at the end). A
+    conv gets `conv_init` as soon as it is built (so a family's RNG draws keep the official order)."""
+    image = len(input_shape) == 3
+    channels, h, w = input_shape if image else (None, None, None)
+    flat = None if image else int(input_shape[0])
+    layers: List[nn.Module] = []
     for kind, *args in spec:
-        if kind == "c":
+        if kind == "c" and flat is None:
             out, k, s, p = args
             conv = LipConv2d(channels, out, k, stride=s, padding=p)
-            layers += [conv, MaxMin()]
-            channels = out
-            h = (h + 2 * p - k) // s + 1
-            w = (w + 2 * p - k) // s + 1
+            if conv_init is not None:
+                conv_init(conv)
+            channels, h, w = out, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            layers += [conv, activation((channels, h, w))]
         elif kind == "d":
             if flat is None:
                 layers.append(nn.Flatten())
                 flat = channels * h * w
-            layers += [LipLinear(flat, args[0]), MaxMin()]
+            layers += [LipLinear(flat, args[0]), activation((args[0],))]
             flat = args[0]
         else:
-            raise ValueError(f"unknown layer kind {kind!r} in architecture spec")
+            raise ValueError(f"bad layer {kind!r} in an architecture spec (convolutions first, then dense layers)")
     if flat is None:
         layers.append(nn.Flatten())
         flat = channels * h * w
+    return layers, flat
+
+
+def build_plain(spec: Sequence[tuple], input_shape: Sequence[int], num_classes: int,
+                normalize: Optional[tuple] = None) -> LipschitzNet:
+    """Unconstrained conv/dense layers with power-iterated bounds (GloRo, CLL on 4C3F/6C2F/8C2F, moons)."""
+    layers, flat = spec_features(spec, input_shape, lambda shape: MaxMin())
     classifier = LipLinear(flat, num_classes)
     for layer in layers + [classifier]:
         if isinstance(layer, (nn.Linear, nn.Conv2d)):

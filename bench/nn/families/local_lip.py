@@ -113,7 +113,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.nn.archs import register_spec_arch
+from bench.nn.archs import register_spec_arch, spec_features
 from bench.nn.bound import LipschitzNet, PairwiseBound, pairwise_distances
 from bench.nn.lipschitz import LipConv2d, LipLinear
 from bench.nn.spectral import UNIT_ROUNDOFF as U, gram_norm_bound
@@ -239,31 +239,18 @@ def _hidden_pairs(features: nn.Sequential) -> List[Tuple[nn.Module, ReLUTheta]]:
     return pairs
 
 
+def _official_conv_init(conv: nn.Conv2d) -> None:
+    k, out = conv.kernel_size[0], conv.out_channels
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (k * k * out)))   # official: n = k²·c_out
+    nn.init.zeros_(conv.bias)
+
+
 def local_lip_modules(input_shape: Sequence[int], num_classes: int, layers: Sequence[tuple], init: float):
-    """(features, classifier) for a Table B2 spec ("c", C, K, S, P) / ("d", C), ReLU_θ after every layer."""
+    """(features, classifier) for a Table B2 spec, ReLU_θ after every layer; dense layers keep PyTorch's default
+    init (official)."""
     if len(input_shape) != 3:
         raise ValueError(f"Local-Lip-B networks take images (C, H, W), got {tuple(input_shape)}")
-    c, h, w = input_shape
-    mods, flat = [], None
-    for kind, *args in layers:
-        if kind == "c" and flat is None:
-            out, k, s, p = args
-            conv = LipConv2d(c, out, k, stride=s, padding=p)
-            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (k * k * out)))   # official: n = k²·c_out
-            nn.init.zeros_(conv.bias)
-            c, h, w = out, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-            mods += [conv, ReLUTheta((c, h, w), init)]
-        elif kind == "d":
-            if flat is None:
-                mods.append(nn.Flatten())
-                flat = c * h * w
-            mods += [LipLinear(flat, args[0]), ReLUTheta((args[0],), init)]     # PyTorch default init (official)
-            flat = args[0]
-        else:
-            raise ValueError(f"bad layer {kind!r} in a Local-Lip-B spec (convs first, then dense layers)")
-    if flat is None:
-        mods.append(nn.Flatten())
-        flat = c * h * w
+    mods, flat = spec_features(layers, input_shape, lambda shape: ReLUTheta(shape, init), _official_conv_init)
     return nn.Sequential(*mods), nn.Linear(flat, num_classes)
 
 
