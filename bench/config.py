@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
@@ -158,6 +159,21 @@ def _hash(semantic: Mapping[str, object]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+class _NumberLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-6` (no dot) is a string: this loader reads it as the float a user means,
+    in `--set` values and suite files alike (so `lam=1e-6` and `lam=1.0e-6` are the same config)."""
+
+
+_NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    """YAML with exponent numbers read as floats (`_NumberLoader`)."""
+    return yaml.load(text, Loader=_NumberLoader)
+
+
 def parse_set(items: Optional[List[str]]) -> Dict[str, object]:
     """`--set key=value` pairs; values are read as YAML scalars/lists (0.5, 1e-6, [400, 600], 36/255)."""
     out: Dict[str, object] = {}
@@ -166,7 +182,7 @@ def parse_set(items: Optional[List[str]]) -> Dict[str, object]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = read_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"cannot read the value of --set {key}={raw!r}") from None
         if isinstance(value, str) and value.strip().lower() in {"none", "null"}:
@@ -200,7 +216,7 @@ def list_suites() -> List[str]:
 def load_suite(name_or_path: str) -> Dict[str, object]:
     path = suite_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -31,3 +31,17 @@ def test_a_folder_of_the_earlier_scheme_reads_as_intact(tmp_path):
         raise AssertionError("a foreign hash was accepted")
     except store.CorruptRunError as e:
         assert "config hash mismatch" in str(e)
+
+
+def test_exponent_numbers_are_floats_in_set_and_suites():
+    """PyYAML (YAML 1.1) reads `1e-6` as a string; lipbench reads it as the float a user means, so `lam=1e-6` and
+    `lam=1.0e-6` resolve to the same config and hash, in `--set` and in suite files."""
+    from bench.config import parse_set, read_yaml, resolve
+
+    a = resolve({"method": "cll", "arch": "moons-mlp", **parse_set(["lam=1e-6", "p={schedule: poly, start: 1e-3, "
+                                                                    "end: 1e-15, power: 50}"])})
+    b = resolve({"method": "cll", "arch": "moons-mlp", **parse_set(["lam=1.0e-6", "p={schedule: poly, start: 0.001,"
+                                                                    " end: 1.0e-15, power: 50}"])})
+    assert a["lam"] == 1e-6 and isinstance(a["p"]["end"], float)
+    assert config_hash(a) == config_hash(b)
+    assert read_yaml("x: [1e3, -2E-2, 36/255, abc, 7]")["x"] == [1000.0, -0.02, "36/255", "abc", 7]
