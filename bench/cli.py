@@ -25,6 +25,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")
     p.add_argument("--download", action="store_true", help="fetch a missing CIFAR dataset through torchvision")
     p.add_argument("--train-subset", type=int, help="train on a fixed, seeded subset of N examples")
+    p.add_argument("--profile", help="a method's named set of config values, e.g. official (the official code's "
+                                     "behaviour where lipbench differs on purpose; `bench list` names them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +126,8 @@ def _overrides(args) -> dict:
         over["data_root"] = args.data_root
     if args.train_subset is not None:
         over["train_subset"] = args.train_subset
+    if getattr(args, "profile", None):
+        over["profile"] = args.profile
     if args.download:
         over["download"] = True
     return over
@@ -226,6 +230,8 @@ def cmd_list(args) -> int:
     t.add_row("architectures", ", ".join(ARCHS.names()))
     t.add_row("datasets", ", ".join(DATASETS.names()))
     t.add_row("suites", ", ".join(list_suites()))
+    t.add_row("profiles", ", ".join(f"{m}: {', '.join(sorted(METHODS.get(m).profiles))}" for m in METHODS.names()
+                                    if getattr(METHODS.get(m), "profiles", None)))
     Console().print(t)
     return 0
 

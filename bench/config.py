@@ -48,6 +48,8 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "cert_eps": ["eps"],          # radii CRA is reported at; "eps" means the training ε
     "certify_dtype": "float32",   # float32 | float64: precision of the certifying forward pass
     "eval_every": 1,              # epochs between evaluations logged to metrics.csv
+    "eval_tail": None,            # also evaluate the test split at each of the last N epochs (None: off)
+    "profile": None,              # a method's named set of config values, e.g. "official" (Method.profiles)
     "lower_bound_pairs": 4000,    # supplement C
     "lower_bound_steps": 1000,
     "lower_bound_lr": 3e-4,
@@ -131,8 +133,28 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
     family = getattr(ARCHS.get(str(spec["arch"])), "family", None)
     if family:
         cfg.update(copy.deepcopy(method.protocols.get(f"{spec['dataset']}@{family}", {})))
+    profile = spec.get("profile")
+    if profile is not None:
+        cfg.update(profile_values(method, str(spec["method"]), str(profile), str(spec["dataset"]), family))
     cfg.update(copy.deepcopy(dict(spec)))
     return cfg
+
+
+def profile_values(method, method_name: str, profile: str, dataset: str,
+                   family: Optional[str] = None) -> Dict[str, object]:
+    """A method's profile (`Method.profiles[name]`): config values keyed "*" (every dataset), by dataset and by
+    "<dataset>@<family>", applied in that order over the protocol and under the run's own keys. A profile is
+    only ordinary options: each difference it switches is a key with its own default."""
+    profiles = getattr(method, "profiles", {}) or {}
+    if profile not in profiles:
+        raise ConfigError(f"method {method_name!r} has no profile {profile!r}"
+                          + (f"; known: {', '.join(sorted(profiles))}" if profiles else " (it has none)"))
+    table = profiles[profile]
+    out: Dict[str, object] = {}
+    for key in ("*", dataset, f"{dataset}@{family}" if family else None):
+        if key is not None:
+            out.update(copy.deepcopy(table.get(key, {})))
+    return out
 
 
 def is_short_run(cfg: Mapping[str, object]) -> bool:

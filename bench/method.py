@@ -20,6 +20,9 @@ class Method(ABC):
     hparams: Dict[str, object] = {}
     #: dataset → recipe (trainer keys and hyperparameters) that reproduces the paper on that dataset
     protocols: Dict[str, Dict[str, object]] = {}
+    #: profile name → {"*" | dataset | "<dataset>@<family>": config values}: e.g. "official", the official code's
+    #: behaviour wherever lipbench deliberately differs (`--profile official`; each value an ordinary option)
+    profiles: Dict[str, Dict[str, Dict[str, object]]] = {}
     #: certificate rule in words, recorded in result.json
     certificate = "f_j − f_i > ε·K_ji for all i ≠ j (j = argmax f, strict: ties are not certified)"
 

@@ -265,7 +265,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
         if epoch + 1 == epochs:  # the final evaluation, once: its test split also fills the last metrics row
             final_eval = evaluate(model, method, data, cfg)
             ev = final_eval["test"]
-        elif (epoch + 1) % int(cfg["eval_every"]) == 0:
+        elif (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 > epochs - int(cfg.get("eval_tail") or 0):
             ev = evaluate(model, method, data, cfg, splits=("test",))["test"]
         else:
             ev = None
@@ -317,12 +317,49 @@ def local_K(model, ev: Dict[str, object]) -> Dict[str, object]:
             "K_f_local": test["K_local"][name], "K_f_local_power": test["K_local_power"][name]}
 
 
+#: how many of a run's final evaluations `last_evals` summarises
+LAST_EVALS = 10
+
+
+def last_evals(rows, n: int = LAST_EVALS) -> Dict[str, object]:
+    """The spread of the run's last `n` test evaluations (metrics.csv rows with test metrics): per metric its
+    min, max and sample std, with the epochs they come from. A run's end state can swing from one evaluation to
+    the next (GloRo on two-moons, official-moons.md); the tables compare this spread with the seed spread."""
+    evaluated = [r for r in rows if str(r.get("test_clean", "")).strip() not in ("", "nan")]
+    tail = evaluated[-n:]
+    if not tail:
+        return {}
+    out: Dict[str, object] = {"n": len(tail), "epochs": [int(float(r["epoch"])) for r in tail]}
+    for key in [k for k in tail[-1] if k == "test_clean" or k.startswith("test_cra@") or k == "K_f"]:
+        vals = np.array([float(r[key]) for r in tail if str(r.get(key, "")).strip() not in ("", "nan")])
+        if len(vals):
+            out[key] = {"min": float(vals.min()), "max": float(vals.max()),
+                        "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    return out
+
+
+def add_cra_ceiling(ev: Dict[str, object], data: DataBundle, cfg) -> None:
+    """For two-class vector data (two-moons), each evaluated split's CRA ceiling at every named ε: the best CRA any
+    classifier can reach on those points (bench/data/ceiling.py), in `eval[split]["cra_ceiling"]`."""
+    if data.num_classes != 2 or len(tuple(data.input_shape)) != 1:
+        return
+    from bench.data.ceiling import cra_ceiling
+
+    eps = resolve_eps_names(cfg)
+    for split in ("train", "test"):
+        if isinstance(ev.get(split), dict):
+            x, y, _, _ = evaluation_split(data, cfg, split)
+            x, y = x.detach().cpu().double().numpy(), y.cpu().numpy()
+            ev[split]["cra_ceiling"] = {name: cra_ceiling(x, y, e) for name, e in eps.items()}
+
+
 def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device,
                resumed_at=(), ev: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Evaluate (unless the last epoch already did, `ev`), bound from below, and write result.json."""
     ev = evaluate(model, method, data, cfg) if ev is None else ev
     ev = dict(ev)
     cert_seconds = ev.pop(SECONDS_KEY, None)
+    add_cra_ceiling(ev, data, cfg)
     bound, power = model.certified_bound(), model.power_bound()
     K_f = float(bound.max(data.num_classes))
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
@@ -344,6 +381,7 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
         "layer_bounds": model.layer_bounds(), "layer_bounds_power": model.layer_bounds_power(),
         "lower_bound": lobo, "tightness": lobo / K_f if K_f > 0 else float("nan"),
         SECONDS_KEY: cert_seconds,
+        "last_evals": last_evals(store.read_metrics(folder)),
         "lower_bound_pairs": lb_pairs, "lower_bound_steps": lb_steps,
         "params": count_parameters(model),
         "certificate": method.certificate,

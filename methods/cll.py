@@ -172,6 +172,21 @@ class CLL(Method):
                     "sandwich": "sandwich-linear", "sandwich-lin": "sandwich-linear",
                     **{f"sll-{size}{variant}{head}": f"sll-{size}{variant}-linear"
                        for size in SLL_SIZES for variant in ("", "-paper") for head in ("", "-trunc")}}
+    # `--profile official`: the official code (mlosch/CLL, unconstrained/) wherever lipbench differs on purpose,
+    # each an ordinary option (reference/cll-official-code.md §1, §5, §7, §8). Not switchable: the official CLL
+    # back-propagates through its 5 power-iteration steps (lipbench through the final estimate; the iterate is
+    # near-converged, as it is re-converged every epoch) and draws the moons from numpy's global RNG.
+    profiles = {"official": {
+        # moons configs: KeepLipschitzMarginCELossV2 (per-logit ‖W_i‖), q 1e-3 → 1e-15 (the paper says 1e-12),
+        # AdamW (weight decay 0), 1001 epochs of 20 iterations, lr ×0.1 at iteration 8000 (epoch 400)
+        "moons": {"normalization": "per_logit", "optimizer": "adamw", "epochs": 1001, "protocol_epochs": 1001,
+                  "p": {"schedule": "poly", "start": 1e-3, "end": 1e-15, "power": 50}},
+        # cifar10_*_cll_* configs: 801 epochs (milestones stay at 400/600/780), AdamW with weight decay 0. The 4C3F
+        # sweeps use the pairwise `CLL` class, the 6C2F ones per-logit V2 (`--set normalization=per_logit`).
+        "cifar10": {"optimizer": "adamw", "epochs": 801, "protocol_epochs": 801},
+        # tiny-imagenet_8C2F_cll_* configs: V2 (per-logit), 801 epochs, AdamW
+        "tinyimagenet": {"normalization": "per_logit", "optimizer": "adamw", "epochs": 801, "protocol_epochs": 801},
+    }}
     certificate = Method.certificate
 
     def __init__(self, cfg, num_classes):

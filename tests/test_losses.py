@@ -99,6 +99,27 @@ def test_gloro_matches_official_code(case):
     assert torch.equal(ours, torch.as_tensor(z["robust_accuracy_certified"]))
 
 
+def test_gloro_extremal_pair_grad_is_the_cll_ports_gradient():
+    """`extremal_pair_grad` (the CLL repo's port, K_up·K̄_fc/stopgrad(K̄_fc)): the same y⊥, and with two classes
+    exactly twice the gradient through ‖W_0 − W_1‖ (cll-official-code.md §8.7)."""
+    g = torch.Generator().manual_seed(0)
+    for n, expect_factor in ((2, 2.0), (10, None)):
+        f = torch.randn(32, n, generator=g, dtype=torch.float64)
+        W0 = torch.randn(n, 8, generator=g, dtype=torch.float64)
+        grads, values = [], []
+        for extra in (False, True):
+            W = W0.clone().requires_grad_(True)
+            y_bot = bottom_logit(f, PairwiseBound(torch.tensor(3.0, dtype=torch.float64), W), 0.25, n, extra)
+            y_bot.sum().backward()
+            grads.append(W.grad)
+            values.append(y_bot.detach())
+        assert torch.equal(values[0], values[1])
+        if expect_factor is not None:
+            torch.testing.assert_close(grads[1], expect_factor * grads[0], rtol=1e-13, atol=0)
+        else:
+            assert not torch.allclose(grads[1], grads[0])
+
+
 def test_gloro_ties_are_never_certified():
     """The official rule masks every logit equal to the max and so certifies tied samples 0, 2, 4."""
     z = fixture("gloro_ties_eps0.1412")

@@ -85,9 +85,11 @@ def eps_grid(radii_sets: Sequence[np.ndarray], marks: Sequence[float] = (), poin
 
 
 def cra_vs_eps_figure(curves: Sequence[Tuple[str, Sequence[Tuple[np.ndarray, int]]]], split: str = "test",
-                      marks: Sequence[float] = (), title: str = ""):
+                      marks: Sequence[float] = (), title: str = "",
+                      ceiling: Sequence[Tuple[float, float, float, float]] = ()):
     """curves: (label, [(sorted correct radii, split size) per seed]). Mean over seeds as a line, the range
-    over seeds shaded; dotted verticals at the reported radii `marks`."""
+    over seeds shaded; dotted verticals at the reported radii `marks`; the data's CRA ceiling (ε, mean, min, max
+    over the seeds' data, fractions) as black markers with their range."""
     grid = eps_grid([r for _, seeds in curves for r, _ in seeds], marks)
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for colour, (label, seeds) in zip(_colours(len(curves)), curves):
@@ -97,6 +99,11 @@ def cra_vs_eps_figure(curves: Sequence[Tuple[str, Sequence[Tuple[np.ndarray, int
             ax.fill_between(grid, ys.min(0), ys.max(0), color=colour, alpha=0.2, lw=0)
     for m in marks:
         ax.axvline(m, color="0.6", ls=":", lw=0.8)
+    if len(ceiling):
+        e, mean, lo, hi = (np.array(c, dtype=float) * (1.0 if i == 0 else 100.0)
+                           for i, c in enumerate(zip(*sorted(ceiling))))
+        ax.errorbar(e, mean, yerr=[mean - lo, hi - mean], color="black", marker="_", ms=10, lw=0, elinewidth=1,
+                    capsize=2, label="data ceiling (any classifier)")
     ax.set_xlabel("ε (L2 radius)")
     ax.set_ylabel(f"certified robust accuracy (%), {split}")
     ax.set_xlim(grid[0], grid[-1])

@@ -124,6 +124,25 @@ def _named_eps(runs) -> List[float]:
     return sorted(out)
 
 
+def _ceiling_points(runs, split: str) -> List[Tuple[float, float, float, float]]:
+    """(ε, mean, min, max) of the CRA ceilings recorded in result.json (`eval[split].cra_ceiling`), one per data
+    realisation (dataset, data seed) and ε."""
+    from bench.train import resolve_eps_names
+
+    seen: Dict[Tuple[float, str], float] = {}
+    for res, cfg in runs:
+        ceil = ((res.get("eval") or {}).get(split) or {}).get("cra_ceiling") or {}
+        eps = resolve_eps_names(cfg)
+        data_key = f"{cfg.get('dataset')}/{cfg.get('data_seed') or cfg.get('seed')}/{cfg.get('n_train')}"
+        for name, value in ceil.items():
+            if name in eps:
+                seen[(round(float(eps[name]), 12), data_key)] = float(value)
+    by_eps: Dict[float, List[float]] = {}
+    for (e, _), v in seen.items():
+        by_eps.setdefault(e, []).append(v)
+    return [(e, sum(v) / len(v), min(v), max(v)) for e, v in sorted(by_eps.items())]
+
+
 class RunCache:
     """Each run loaded (model, converged bound, data) once per report, shared by the figures. Run folders are
     found below `results`, or looked up in `folders` ((config hash, seed) → folder) for arbitrary runs."""
@@ -158,11 +177,15 @@ def fig_cra_vs_eps(runs, load: RunCache, outdir: Path, split: str = "test"):
     if not curves:
         return None
     marks = _named_eps(runs)
-    fig = figures.cra_vs_eps_figure(curves, split, marks=marks)
+    ceiling = _ceiling_points(runs, split)
+    fig = figures.cra_vs_eps_figure(curves, split, marks=marks, ceiling=ceiling)
     paths = figures.save(fig, outdir / "cra_vs_eps")
     caption = (f"Certified robust accuracy on the {split} split against ε over a fine grid, from each run's "
                "certified radii (a point counts at ε iff it is classified correctly and its radius exceeds ε); "
                "line: mean over seeds, band: range over seeds; dotted: the radii the tables report.")
+    if ceiling:
+        caption += (" Black: the data's CRA ceiling at those radii, the best any classifier can certify on the same "
+                    "points (mean and range over the seeds' data; bench/data/ceiling.py).")
     return "Certified robust accuracy against ε", paths, caption
 
 

@@ -66,8 +66,14 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
                    short=short_note(cfg), eps_train=cfg.get("eps"))
         ev = (result.get("eval") or {}).get(split) or {}
         row["clean"] = ev.get("clean")
+        tail = (result.get("last_evals") or {}) if split == "test" else {}
         for name, value in (ev.get("cra") or {}).items():
-            row["CRA@ε_train" if eps_train_column(cfg, name) else f"CRA@{name}"] = value
+            col = "CRA@ε_train" if eps_train_column(cfg, name) else f"CRA@{name}"
+            row[col] = value
+            row[f"{col}{TAIL}"] = (tail.get(f"test_cra@{name}") or {}).get("std")
+        row[f"clean{TAIL}"] = (tail.get("test_clean") or {}).get("std")
+        for name, value in (ev.get("cra_ceiling") or {}).items():
+            row["ceil@ε_train" if eps_train_column(cfg, name) else f"ceil@{name}"] = value
         if power:
             for name, value in (ev.get("cra_power") or {}).items():
                 row["pCRA@ε_train" if eps_train_column(cfg, name) else f"pCRA@{name}"] = value
@@ -120,7 +126,11 @@ def _fmt_setting(v) -> str:
     return str(v)
 
 
-METRIC_ORDER = ("clean", "CRA@ε_train", "CRA@36/255", "CRA@72/255", "CRA@108/255",
+#: suffix of a run-frame column holding the run's std over its last 10 test evaluations (result.json
+#: `last_evals`), averaged per cell and shown as a footnote where it exceeds the seed std
+TAIL = "~tail"
+
+METRIC_ORDER = ("clean", "CRA@ε_train", "ceil@ε_train", "CRA@36/255", "CRA@72/255", "CRA@108/255",
                 "pCRA@ε_train", "pCRA@36/255", "pCRA@72/255", "pCRA@108/255", "K_f", "K_f_max", "K_f_power", "K_hf",
                 "tightness")
 PERCENT = {"clean", "tightness"}
@@ -133,8 +143,13 @@ def is_cra(m: str) -> bool:
     return m.startswith("CRA@") or m.startswith("pCRA@")
 
 
+def is_ceiling(m: str) -> bool:
+    """The data's CRA ceiling at a radius (bench/data/ceiling.py): what any classifier could certify."""
+    return m.startswith("ceil@")
+
+
 def is_percent(m: str) -> bool:
-    return m in PERCENT or is_cra(m)
+    return m in PERCENT or is_cra(m) or is_ceiling(m)
 
 
 def _better_is_higher(m: str) -> bool:
@@ -142,10 +157,11 @@ def _better_is_higher(m: str) -> bool:
 
 
 def metric_columns(df: pd.DataFrame) -> List[str]:
-    cras = [c for c in df.columns if is_cra(c)]
+    cras = [c for c in df.columns if (is_cra(c) or is_ceiling(c)) and not c.endswith(TAIL)]
     ordered = [c for c in METRIC_ORDER if c in df.columns]
     rest = sorted(c for c in cras if c not in ordered)
-    return ordered + [c for c in rest if c.startswith("CRA@")] + [c for c in rest if c.startswith("pCRA@")]
+    return ordered + [c for c in rest if c.startswith("CRA@")] + [c for c in rest if is_ceiling(c)] + \
+        [c for c in rest if c.startswith("pCRA@")]
 
 
 def aggregate(df: pd.DataFrame, seeds_expected: Optional[int] = None) -> pd.DataFrame:
@@ -168,6 +184,10 @@ def aggregate(df: pd.DataFrame, seeds_expected: Optional[int] = None) -> pd.Data
             vals = pd.to_numeric(ok[m], errors="coerce").dropna() if m in ok else pd.Series(dtype=float)
             row[f"{m}_mean"] = vals.mean() if len(vals) else float("nan")
             row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else float("nan")
+            tail = pd.to_numeric(ok[f"{m}{TAIL}"], errors="coerce").dropna() if f"{m}{TAIL}" in ok \
+                else pd.Series(dtype=float)
+            if len(tail):
+                row[f"{m}{TAIL}"] = tail.mean()
         row["params"] = int(ok["params"].iloc[0]) if len(ok) and "params" in ok and pd.notna(ok["params"].iloc[0]) \
             else None
         row["train_seconds"] = float(pd.to_numeric(g.get("train_seconds"), errors="coerce").sum()) \
@@ -179,7 +199,7 @@ def aggregate(df: pd.DataFrame, seeds_expected: Optional[int] = None) -> pd.Data
                            kind="stable").reset_index(drop=True)
 
 
-HEADERS = {"clean": "Clean (%)", "CRA@ε_train": "CRA@ε (%)", "pCRA@ε_train": "CRA@ε PI (%)", "K_f": "K(f)",
+HEADERS = {"clean": "Clean (%)", "CRA@ε_train": "CRA@ε (%)", "ceil@ε_train": "Ceiling@ε (%)", "pCRA@ε_train": "CRA@ε PI (%)", "K_f": "K(f)",
            "K_f_power": "K(f) PI", "K_hf": "K(h∘f)", "tightness": "Tightness (%)", "K_f_max": "K(f) max"}
 
 
@@ -190,6 +210,8 @@ def header(m: str) -> str:
         return f"CRA {m[4:]} (%)"
     if m.startswith("pCRA@"):
         return f"CRA {m[5:]} PI (%)"
+    if is_ceiling(m):
+        return f"Ceiling {m[5:]} (%)"
     return m
 
 
@@ -212,6 +234,10 @@ def _cell(agg_row, m: str) -> str:
     s = fmt_value(m, mean)
     if not pd.isna(std):
         s += f" ± {fmt_value(m, std, digits_for=mean)}"
+    tail = agg_row.get(f"{m}{TAIL}")
+    if tail is not None and not pd.isna(tail) and float(fmt_value(m, tail, digits_for=mean)) > 0 \
+            and (pd.isna(std) or tail > std):
+        s += f" †{fmt_value(m, tail, digits_for=mean)}"
     return s
 
 
@@ -438,8 +464,19 @@ LOCAL_CAPTION = (" Input-aware methods (Local-Lip-B) certify each point with its
                  " mean of the per-point bound over the test split at the first certified ε, 'K(f) max' its maximum.")
 
 
+CEILING_CAPTION = (" Ceiling: the largest CRA any classifier can reach on the same points at that ε (n minus a "
+                   "maximum matching of opposite-class pairs at most 2ε apart; bench/data/ceiling.py), mean ± std "
+                   "over the seeds' data.")
+TAIL_CAPTION = (" †s: the run's own spread at its end, the sample std over its last 10 test evaluations (mean over "
+                "seeds), shown where it exceeds the seed std: a single final evaluation is then noisier than ± says.")
+
+
 def caption_for(display: pd.DataFrame, base: str = CAPTION) -> str:
     text = base
+    if any(str(c).startswith("Ceiling") for c in display.columns):
+        text += CEILING_CAPTION
+    if any("†" in str(v) for col in display.columns for v in display[col]):
+        text += TAIL_CAPTION
     if any(" PI" in str(c) for c in display.columns):
         text += POWER_CAPTION
     if "K(f) max" in display.columns:
@@ -480,7 +517,7 @@ def per_seed_frame(runs, split: str = "test", seeds_expected: Optional[int] = No
     agg = aggregate(df, seeds_expected)
     metrics = [c[:-5] for c in agg.columns if c.endswith("_mean")]
     if split_metrics_only:
-        metrics = [m for m in metrics if m == "clean" or is_cra(m)]
+        metrics = [m for m in metrics if m == "clean" or is_cra(m) or is_ceiling(m)]
     seeds = sorted(set(int(s) for s in df["seed"]) | set(range(1, int(seeds_expected or 0) + 1)))
     rows = []
     for _, r in agg.iterrows():
