@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--suite", help="only the runs of this suite, with its layout")
     table.add_argument("--format", choices=["md", "tex", "csv"], default="md", help="Markdown, LaTeX or CSV")
     table.add_argument("--split", default=None, help="evaluation split (test, train, test_lossless, ...)")
-    table.add_argument("--baseline", help="print (+x) deltas against this row: METHOD or METHOD/ARCH")
+    table.add_argument("--baseline", help="print (+x) deltas against this row: METHOD, METHOD/ARCH, or defaults "
+                                          "(each method's own row at lipbench's defaults)")
     table.add_argument("--per-seed", action="store_true", help="add the per-seed appendix table (as Tables D6-D8)")
     table.add_argument("--power", action="store_true",
                        help="add CRA and K(f) under the converged power iteration (the paper's way; not certificates)")

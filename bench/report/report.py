@@ -411,7 +411,7 @@ def write_report(suite: dict, cfgs: Sequence[dict], results: Path, figures: bool
     seeds_expected = suite.get("seeds") if isinstance(suite.get("seeds"), int) else None
     options = suite.get("table") or {}
     baseline = options.get("baseline")
-    if baseline and not any(all(str(c.get(k)) == v for k, v in tables.parse_baseline(baseline).items())
+    if baseline and baseline != tables.DEFAULTS_BASELINE and not any(all(str(c.get(k)) == v for k, v in tables.parse_baseline(baseline).items())
                             for _, c in runs):
         baseline = None  # the baseline's runs are not there (yet): no deltas rather than an error
     splits = list(options.get("splits") or tables.default_splits(runs)) if runs else ["test"]

@@ -276,6 +276,8 @@ def baseline_rows(agg: pd.DataFrame, baseline: Optional[str]) -> Dict[int, Optio
     more than one candidate). Candidates share the dataset; among them the same arch is preferred, then the
     same training ε, so e.g. CLL at ε = 0.15 is compared with GloRo at ε = 0.15. CRA at the training ε is only
     compared when both rows trained at the same ε (see `display_frame`)."""
+    if baseline == DEFAULTS_BASELINE and not agg.empty:
+        return _defaults_rows(agg)
     spec = parse_baseline(baseline)
     if spec is None or agg.empty:
         return {}
@@ -294,6 +296,24 @@ def baseline_rows(agg: pd.DataFrame, baseline: Optional[str]) -> Dict[int, Optio
             if len(narrower):
                 cand = narrower
         out[i] = int(cand.index[0]) if len(cand) == 1 else None
+    return out
+
+
+#: `baseline: defaults` compares each row with lipbench's defaults: the row of the same method, arch, dataset
+#: and ε whose setting names nothing but ε (an ablation's reference row)
+DEFAULTS_BASELINE = "defaults"
+
+
+def _defaults_rows(agg: pd.DataFrame) -> Dict[int, Optional[int]]:
+    plain = agg["setting"].fillna("").map(
+        lambda s: all(part.split("=")[0] in ALWAYS_LABELLED for part in str(s).split(", ") if part))
+    out: Dict[int, Optional[int]] = {}
+    for i, r in agg.iterrows():
+        if plain[i]:
+            continue
+        same = plain & (agg["method"] == r["method"]) & (agg["arch"] == r["arch"]) & \
+            (agg["dataset"] == r["dataset"]) & (agg["eps_train"].astype(str) == str(r["eps_train"]))
+        out[i] = int(agg.index[same][0]) if int(same.sum()) == 1 else None
     return out
 
 
@@ -481,7 +501,10 @@ def caption_for(display: pd.DataFrame, base: str = CAPTION) -> str:
         text += POWER_CAPTION
     if "K(f) max" in display.columns:
         text += LOCAL_CAPTION
-    if display.attrs.get("baseline"):
+    if display.attrs.get("baseline") == DEFAULTS_BASELINE:
+        text += (" (+x): difference to lipbench's defaults, the row of the same method, arch and ε whose setting "
+                 "names only ε.")
+    elif display.attrs.get("baseline"):
         text += f" (+x): difference to the {display.attrs['baseline']} row of the same dataset, arch and ε."
     if "Note" in display and display["Note"].astype(bool).any():
         text += (" Rows marked 'short run' trained for fewer epochs than the protocol or on a training subset:"
