@@ -33,7 +33,9 @@ class Method(ABC):
     @abstractmethod
     def loss(self, logits: torch.Tensor, y: torch.Tensor, bound: PairwiseBound,
              progress: float) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Mean training loss at training progress t/T, and scalars to log."""
+        """Mean training loss at training progress t/T, and what to log: detached 0-d tensors (averaged over the
+        epoch on the device; never read on the host in the step, which on a GPU would be a sync) or Python
+        numbers such as a schedule's value (the epoch's last)."""
 
     #: short architecture names this method resolves to its own architectures, e.g. {"xl": "cpl-xl"}
     arch_aliases: Dict[str, str] = {}

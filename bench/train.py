@@ -229,6 +229,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         logs: Dict[str, float] = {}
+        log_sums: Dict[str, torch.Tensor] = {}   # the loss's tensor logs, summed on the device (no host sync)
         for it in range(steps_per_epoch):
             idx = perm[it * bs:(it + 1) * bs]
             xb = data.inputs(data.x_train[idx])
@@ -240,6 +241,9 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             bound = model.bound(x=xb, eps=method.bound_eps(step / total_steps), n_iter=power_iter)
             loss, logs = method.loss(logits, yb, bound, step / total_steps)
             loss_sum += loss.detach()
+            for k, v in logs.items():
+                if isinstance(v, torch.Tensor):
+                    log_sums[k] = log_sums[k] + v.detach().double() if k in log_sums else v.detach().double()
             correct += (logits.detach().argmax(1) == yb).sum()
             # a host sync every `sync_every` steps (and at epoch end) instead of one per step
             if (step + 1) % sync_every == 0 and not torch.isfinite(loss_sum):
@@ -262,6 +266,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
                "lr": opt.param_groups[0]["lr"], "K_f_power": float(model.power_bound().max(data.num_classes)),
                "train_seconds": round(train_seconds, 3)}
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        row.update({k: float(v) / max(1, steps_per_epoch) for k, v in log_sums.items()})   # the epoch's mean
         if epoch + 1 == epochs:  # the final evaluation, once: its test split also fills the last metrics row
             final_eval = evaluate(model, method, data, cfg)
             ev = final_eval["test"]

@@ -206,7 +206,7 @@ class CLL(Method):
         ce = F.cross_entropy(z, y)
         K_bar = bound.max(self.num_classes)
         total = ce + self.lam * K_bar ** 2 if self.lam else ce
-        return total, {"ce": float(ce.detach()), "K_bar": float(K_bar.detach()), "p": p}
+        return total, {"ce": ce.detach(), "K_bar": K_bar.detach(), "p": p}
 
     def K_hf(self, bound):
         """K(h∘f) = 1/σ_ε(p) at the end of the p schedule (main paper §3.3)."""

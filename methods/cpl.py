@@ -45,7 +45,7 @@ class CPL(Method):
 
     def loss(self, logits, y, bound, progress):
         loss = F.multi_margin_loss(logits, y, margin=self.margin, p=1)
-        return loss, {"hinge": float(loss.detach())}
+        return loss, {"hinge": loss.detach()}
 
 
 __all__ = ["CPL"]

@@ -64,7 +64,7 @@ class SOC(Method):
         ce = F.cross_entropy(logits, y)
         cert = label_certificates(logits, y, bound, self.num_classes)
         loss = ce - self.gamma * F.relu(cert).mean() if self.gamma else ce
-        return loss, {"ce": float(ce.detach()), "cert": float(cert.detach().clamp_min(0).mean())}
+        return loss, {"ce": ce.detach(), "cert": cert.detach().clamp_min(0).mean()}
 
 
 

@@ -17,4 +17,4 @@ class Standard(Method):
 
     def loss(self, logits, y, bound, progress):
         ce = F.cross_entropy(logits, y)
-        return ce, {"ce": float(ce.detach())}
+        return ce, {"ce": ce.detach()}

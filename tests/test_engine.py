@@ -112,6 +112,7 @@ def test_last_epoch_is_evaluated_once(tmp_path, monkeypatch):
         return real(model, method, data, cfg, splits)
     monkeypatch.setattr(train_module, "evaluate", counting)
     cfg = resolve({"method": "cll", "arch": "moons-mlp", "dataset": "moons", "epochs": 4, "eval_every": 2,
+                   "eval_tail": None,
                    "n_train": 200, "n_test": 400, "lower_bound_pairs": 4, "lower_bound_steps": 2, "device": "cpu"})
     result = train_run({**cfg, "seed": 1}, tmp_path)
     assert calls == [("test",), ("test", "train")]
