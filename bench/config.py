@@ -50,6 +50,9 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "eval_every": 1,              # epochs between evaluations logged to metrics.csv
     "eval_tail": None,            # also evaluate the test split at each of the last N epochs (None: off)
     "profile": None,              # a method's named set of config values, e.g. "official" (Method.profiles)
+    "amp": None,                  # None | bf16: autocast of the training forward only (bounds, convergence and
+                                  # certification stay float32/float64 with TF32 off)
+    "compile": None,              # true: torch.compile the network's training forward
     "lower_bound_pairs": 4000,    # supplement C
     "lower_bound_steps": 1000,
     "lower_bound_lr": 3e-4,
@@ -137,6 +140,8 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
     if profile is not None:
         cfg.update(profile_values(method, str(spec["method"]), str(profile), str(spec["dataset"]), family))
     cfg.update(copy.deepcopy(dict(spec)))
+    if cfg.get("amp") not in (None, "bf16"):
+        raise ConfigError(f"amp must be bf16 or left unset, got {cfg['amp']!r}")
     return cfg
 
 

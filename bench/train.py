@@ -177,6 +177,21 @@ def _set_rng_state(gen: torch.Generator, state: Mapping[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_forward(model, cfg: Mapping[str, object], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network's forward as training calls it: `compile: true` wraps it in torch.compile, `amp: bf16` runs it
+    under bfloat16 autocast and hands float32 logits to the loss. Only this forward changes: the bound (power
+    iteration, K), the loss, evaluation, convergence and certification run as without these options."""
+    fn = torch.compile(model) if cfg.get("compile") else model
+    if cfg.get("amp") != "bf16":
+        return fn
+
+    def autocast_forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            out = fn(x)
+        return out.float()
+    return autocast_forward
+
+
 def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[[int, int, dict], None]] = None,
               ) -> Dict[str, object]:
     """Train one run into `folder` (resuming from its checkpoint if there is one); returns result.json."""
@@ -201,6 +216,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
     total_steps = max(1, epochs * steps_per_epoch)
     sched = make_lr_scheduler(cfg, opt, steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
+    forward = training_forward(model, cfg, device)
     power_iter = int(cfg["power_iter"])
     sync_every = max(1, int(cfg["sync_every"]))
 
@@ -236,7 +252,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             if cfg["augment"] and data.augment is not None:
                 xb = data.augment(xb, gen)
             yb = data.y_train[idx]
-            logits = model(xb)
+            logits = forward(xb)
             # the bound at this batch and the method's ε (input-aware nets; global ones ignore both)
             bound = model.bound(x=xb, eps=method.bound_eps(step / total_steps), n_iter=power_iter)
             loss, logs = method.loss(logits, yb, bound, step / total_steps)
