@@ -25,6 +25,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")
     p.add_argument("--download", action="store_true", help="fetch a missing CIFAR dataset through torchvision")
     p.add_argument("--train-subset", type=int, help="train on a fixed, seeded subset of N examples")
+    p.add_argument("--budget", help="train for this wall-clock time instead of an epoch count (2h, 90m, 300s): "
+                                    "epochs from the measured step time, schedules scaled to them")
     p.add_argument("--profile", help="a method's named set of config values, e.g. official (the official code's "
                                      "behaviour where lipbench differs on purpose; `bench list` names them)")
 
@@ -127,6 +129,8 @@ def _overrides(args) -> dict:
         over["data_root"] = args.data_root
     if args.train_subset is not None:
         over["train_subset"] = args.train_subset
+    if getattr(args, "budget", None):
+        over["budget"] = args.budget
     if getattr(args, "profile", None):
         over["profile"] = args.profile
     if args.download:

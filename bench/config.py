@@ -53,6 +53,7 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "amp": None,                  # None | bf16: autocast of the training forward only (bounds, convergence and
                                   # certification stay float32/float64 with TF32 off)
     "compile": None,              # true: torch.compile the network's training forward
+    "budget": None,               # training wall clock ("2h", "90m", seconds): epochs derived from the step time
     "lower_bound_pairs": 4000,    # supplement C
     "lower_bound_steps": 1000,
     "lower_bound_lr": 3e-4,
@@ -140,6 +141,8 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
     if profile is not None:
         cfg.update(profile_values(method, str(spec["method"]), str(profile), str(spec["dataset"]), family))
     cfg.update(copy.deepcopy(dict(spec)))
+    if cfg.get("budget") is not None:
+        budget_seconds(cfg["budget"])   # checked here, before anything is written
     if cfg.get("amp") not in (None, "bf16"):
         raise ConfigError(f"amp must be bf16 or left unset, got {cfg['amp']!r}")
     return cfg
@@ -160,6 +163,26 @@ def profile_values(method, method_name: str, profile: str, dataset: str,
         if key is not None:
             out.update(copy.deepcopy(table.get(key, {})))
     return out
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def budget_seconds(value) -> float:
+    """A training budget in seconds: a number of seconds, or a string with a unit ("2h", "90m", "1.5d", "300s")."""
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            m = re.fullmatch(r"\s*([0-9.]+(?:e[-+]?[0-9]+)?)\s*(s|m|min|h|d)?\s*", str(value), re.IGNORECASE)
+            if m is None:
+                raise ValueError
+            seconds = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    except ValueError:
+        raise ConfigError(f"budget must be seconds or a duration such as 2h, 90m or 300s, got {value!r}") from None
+    if not seconds > 0:
+        raise ConfigError(f"budget must be positive, got {value!r}")
+    return seconds
 
 
 def is_short_run(cfg: Mapping[str, object]) -> bool:

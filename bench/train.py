@@ -7,6 +7,7 @@ At the end: converged bounds, clean accuracy and CRA per ε, K(f), K(h∘f), low
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from bench import certify, store
-from bench.config import is_short_run
+from bench.config import budget_seconds, is_short_run
 from bench.store import git_commit
 from bench.optim import make_lr_scheduler, make_optimizer
 from bench.data.base import DataBundle
@@ -192,6 +193,109 @@ def training_forward(model, cfg: Mapping[str, object], device: torch.device) -> 
     return autocast_forward
 
 
+class EpochTally:
+    """What an epoch accumulates on the device (no host sync in the step): the loss sum, the correct count and
+    the loss's tensor logs; Python-number logs (a schedule's value) keep the epoch's last."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.last: Dict[str, float] = {}
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, logs: Mapping[str, object]) -> None:
+        self.loss += loss.detach()
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor):
+                self.sums[k] = self.sums[k] + v.detach().double() if k in self.sums else v.detach().double()
+            elif isinstance(v, (int, float)):
+                self.last[k] = v
+
+    def row(self, steps: int) -> Dict[str, float]:
+        """The epoch's log columns (read on the host once): tensor logs as means over the steps."""
+        return {**self.last, **{k: float(v) / max(1, steps) for k, v in self.sums.items()}}
+
+
+def training_batch(data: DataBundle, cfg: Mapping[str, object], idx: torch.Tensor, gen: torch.Generator):
+    """The inputs (data units, augmented when the config says so) and labels of one training batch."""
+    xb = data.inputs(data.x_train[idx])
+    if cfg["augment"] and data.augment is not None:
+        xb = data.augment(xb, gen)
+    return xb, data.y_train[idx]
+
+
+def train_step(model, forward, method, opt, sched, xb, yb, progress: float, power_iter: int,
+               tally: EpochTally) -> None:
+    """One optimizer step: forward, the bound at this batch and the method's ε (input-aware nets; global ones
+    ignore both), the loss, backward, the update, the constraint projection (Local-Lip-B's θ ≥ 0) and the lr."""
+    logits = forward(xb)
+    bound = model.bound(x=xb, eps=method.bound_eps(progress), n_iter=power_iter)
+    loss, logs = method.loss(logits, yb, bound, progress)
+    tally.add(loss, logits, yb, logs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    model.project_()
+    if sched is not None:
+        sched.step()
+
+
+#: the budget's probe: steps run before timing, and the least steps and seconds it times
+BUDGET_WARMUP_STEPS, BUDGET_MIN_STEPS, BUDGET_MIN_SECONDS = 3, 10, 2.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plan_budget(cfg: Mapping[str, object], data: DataBundle, model, device: torch.device,
+                steps_per_epoch: int) -> Dict[str, object]:
+    """Epochs that fill a wall-clock training budget (Prach et al., CVPR 2024: equal compute, not equal epochs).
+    Training steps are timed on a copy of the network and optimizer (the run itself is untouched), after
+    `BUDGET_WARMUP_STEPS`, over at least `BUDGET_MIN_STEPS` steps and `BUDGET_MIN_SECONDS`; then the epoch-end
+    convergence once. epochs = round(budget / (steps per epoch × step time + convergence time)), at least 1."""
+    seconds = budget_seconds(cfg["budget"])
+    probe = copy.deepcopy(model)
+    probe.train()
+    method = METHODS.get(str(cfg["method"]))(cfg, data.num_classes)
+    opt = make_optimizer(cfg, probe)
+    forward = training_forward(probe, cfg, device)
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) + 104729)
+    bs = min(int(cfg["batch_size"]), len(data.y_train))
+    sched = make_lr_scheduler(cfg, opt, steps_per_epoch)
+    tally = EpochTally(device)
+    power_iter = int(cfg["power_iter"])
+
+    def step(k: int) -> None:
+        idx = torch.randperm(len(data.y_train), generator=gen)[:bs].to(device)
+        xb, yb = training_batch(data, cfg, idx, gen)
+        train_step(probe, forward, method, opt, sched, xb, yb, 0.5, power_iter, tally)
+        if (k + 1) % int(cfg["sync_every"]) == 0:
+            bool(torch.isfinite(tally.loss))
+
+    for k in range(BUDGET_WARMUP_STEPS):
+        step(k)
+    _sync(device)
+    timed, t0 = 0, time.perf_counter()
+    while timed < BUDGET_MIN_STEPS or time.perf_counter() - t0 < BUDGET_MIN_SECONDS:
+        step(timed)
+        timed += 1
+        if timed % 5 == 0:
+            _sync(device)
+    _sync(device)
+    step_seconds = (time.perf_counter() - t0) / timed
+    t0 = time.perf_counter()
+    probe.converge(tol=float(cfg["converge_tol"]), guaranteed=False)
+    converge_seconds = time.perf_counter() - t0
+    per_epoch = steps_per_epoch * step_seconds + converge_seconds
+    epochs = max(1, int(round(seconds / per_epoch)))
+    del probe, opt
+    return {"seconds": seconds, "epochs": epochs, "seconds_per_epoch_planned": per_epoch,
+            "step_seconds": step_seconds, "probe_steps": timed}
+
+
 def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[[int, int, dict], None]] = None,
               ) -> Dict[str, object]:
     """Train one run into `folder` (resuming from its checkpoint if there is one); returns result.json."""
@@ -207,6 +311,15 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = build_data(cfg).to(device)
     model = build_model(cfg, data, device)
+    hashed_cfg, budget = cfg, None   # config.yaml and the hash keep the run's config as given
+    if cfg.get("budget") is not None:
+        # a budgeted run trains for the epochs its budget buys, planned once and kept in the checkpoint
+        n_train, bs_ = len(data.y_train), int(cfg["batch_size"])
+        spe = n_train // bs_ if cfg["drop_last"] and n_train >= bs_ else math.ceil(n_train / bs_)
+        ckpt = folder / store.CHECKPOINT
+        budget = store.load_checkpoint(ckpt, map_location="cpu").get("budget") if ckpt.exists() else None
+        budget = budget or plan_budget(cfg, data, model, device, spe)
+        cfg = {**cfg, "epochs": int(budget["epochs"])}
     method = METHODS.get(str(cfg["method"]))(cfg, data.num_classes)
     opt = make_optimizer(cfg, model)
     bs = int(cfg["batch_size"])
@@ -220,7 +333,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
     power_iter = int(cfg["power_iter"])
     sync_every = max(1, int(cfg["sync_every"]))
 
-    store.write_config(folder, cfg)
+    store.write_config(folder, hashed_cfg)
     start_epoch, step, rows, train_seconds, resumed_at = 0, 0, [], 0.0, []
     ckpt_path = folder / store.CHECKPOINT
     if ckpt_path.exists():
@@ -242,47 +355,26 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        logs: Dict[str, float] = {}
-        log_sums: Dict[str, torch.Tensor] = {}   # the loss's tensor logs, summed on the device (no host sync)
+        tally = EpochTally(device)
         for it in range(steps_per_epoch):
-            idx = perm[it * bs:(it + 1) * bs]
-            xb = data.inputs(data.x_train[idx])
-            if cfg["augment"] and data.augment is not None:
-                xb = data.augment(xb, gen)
-            yb = data.y_train[idx]
-            logits = forward(xb)
-            # the bound at this batch and the method's ε (input-aware nets; global ones ignore both)
-            bound = model.bound(x=xb, eps=method.bound_eps(step / total_steps), n_iter=power_iter)
-            loss, logs = method.loss(logits, yb, bound, step / total_steps)
-            loss_sum += loss.detach()
-            for k, v in logs.items():
-                if isinstance(v, torch.Tensor):
-                    log_sums[k] = log_sums[k] + v.detach().double() if k in log_sums else v.detach().double()
-            correct += (logits.detach().argmax(1) == yb).sum()
+            xb, yb = training_batch(data, cfg, perm[it * bs:(it + 1) * bs], gen)
+            train_step(model, forward, method, opt, sched, xb, yb, step / total_steps, power_iter, tally)
             # a host sync every `sync_every` steps (and at epoch end) instead of one per step
-            if (step + 1) % sync_every == 0 and not torch.isfinite(loss_sum):
+            if (step + 1) % sync_every == 0 and not torch.isfinite(tally.loss):
                 raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}",
                                     train_seconds + time.perf_counter() - t0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            model.project_()  # parameters with constraints (Local-Lip-B's thresholds θ ≥ 0) back onto their sets
-            sched.step()
             step += 1
-        if not torch.isfinite(loss_sum):
+        if not torch.isfinite(tally.loss):
             raise DivergedError(f"non-finite loss at epoch {epoch + 1}", train_seconds + time.perf_counter() - t0)
         # the power iteration every epoch (it warm-starts training's iterates); the guaranteed bounds only where
         # an evaluation certifies
         model.converge(tol=float(cfg["converge_tol"]), guaranteed=False)
         train_seconds += time.perf_counter() - t0
-        train_acc = float(correct) / max(1, steps_per_epoch * bs if cfg["drop_last"] else n)
-        row = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, steps_per_epoch), "train_acc": train_acc,
+        train_acc = float(tally.correct) / max(1, steps_per_epoch * bs if cfg["drop_last"] else n)
+        row = {"epoch": epoch + 1, "loss": float(tally.loss) / max(1, steps_per_epoch), "train_acc": train_acc,
                "lr": opt.param_groups[0]["lr"], "K_f_power": float(model.power_bound().max(data.num_classes)),
                "train_seconds": round(train_seconds, 3)}
-        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-        row.update({k: float(v) / max(1, steps_per_epoch) for k, v in log_sums.items()})   # the epoch's mean
+        row.update(tally.row(steps_per_epoch))
         if epoch + 1 == epochs:  # the final evaluation, once: its test split also fills the last metrics row
             final_eval = evaluate(model, method, data, cfg)
             ev = final_eval["test"]
@@ -302,7 +394,7 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
             store.save_checkpoint(folder, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                            "scheduler": sched.state_dict(), "rng": _rng_state(gen),
                                            "epoch": epoch + 1, "step": step, "train_seconds": train_seconds,
-                                           "resumed_at": resumed_at})
+                                           "resumed_at": resumed_at, "budget": budget})
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, row)
         if watchdog.update(train_acc, steps_per_epoch):
@@ -310,7 +402,11 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
                                 f"{watchdog.epochs} epochs ({watchdog.steps} steps), up to epoch {epoch + 1}",
                                 train_seconds)
 
-    return finish_run(cfg, folder, model, method, data, train_seconds, device, resumed_at, final_eval)
+    if budget is not None:
+        budget = {**budget, "seconds_per_epoch_measured": train_seconds / max(1, epochs),
+                  "train_seconds": train_seconds}
+    return finish_run(cfg, folder, model, method, data, train_seconds, device, resumed_at, final_eval,
+                      hashed_cfg=hashed_cfg, budget=budget)
 
 
 def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
@@ -375,8 +471,10 @@ def add_cra_ceiling(ev: Dict[str, object], data: DataBundle, cfg) -> None:
 
 
 def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device,
-               resumed_at=(), ev: Optional[Dict[str, object]] = None) -> Dict[str, object]:
-    """Evaluate (unless the last epoch already did, `ev`), bound from below, and write result.json."""
+               resumed_at=(), ev: Optional[Dict[str, object]] = None, hashed_cfg=None,
+               budget: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """Evaluate (unless the last epoch already did, `ev`), bound from below, and write result.json. `cfg` is the
+    config trained (a budgeted run's with its planned epochs), `hashed_cfg` the one its folder is keyed by."""
     ev = evaluate(model, method, data, cfg) if ev is None else ev
     ev = dict(ev)
     cert_seconds = ev.pop(SECONDS_KEY, None)
@@ -392,7 +490,7 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
                                    gen, to_input=data.inputs)
     result = {
         "method": cfg["method"], "arch": cfg["arch"], "dataset": cfg["dataset"], "seed": int(cfg["seed"]),
-        "config_hash": store.config_hash(cfg), "status": "complete", "epochs": int(cfg["epochs"]),
+        "config_hash": store.config_hash(hashed_cfg or cfg), "status": "complete", "epochs": int(cfg["epochs"]),
         "train_subset": cfg.get("train_subset"),
         "eval": ev,
         "K_f": K_f, "K_up": float(bound.K_up), "K_hf": float(method.K_hf(bound)),
@@ -403,6 +501,7 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
         "lower_bound": lobo, "tightness": lobo / K_f if K_f > 0 else float("nan"),
         SECONDS_KEY: cert_seconds,
         "last_evals": last_evals(store.read_metrics(folder)),
+        **({"budget": budget} if budget is not None else {}),
         "lower_bound_pairs": lb_pairs, "lower_bound_steps": lb_steps,
         "params": count_parameters(model),
         "certificate": method.certificate,

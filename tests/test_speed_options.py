@@ -36,3 +36,46 @@ def test_compiled_forward_matches_eager(eager, tmp_path):
     compiled = train_run(_short(compile=True), tmp_path)
     assert compiled["eval"]["test"]["clean"] == pytest.approx(eager["eval"]["test"]["clean"], abs=0.01)
     assert compiled["K_f"] == pytest.approx(eager["K_f"], rel=1e-4)
+
+
+def test_budget_strings_are_checked():
+    from bench.config import budget_seconds
+    assert budget_seconds("2h") == 7200 and budget_seconds("90m") == 5400 and budget_seconds(300) == 300
+    assert budget_seconds("1.5d") == 1.5 * 86400 and budget_seconds("45s") == 45
+    for bad in ("two hours", "-5m", 0, "5 weeks"):
+        with pytest.raises(ConfigError, match="budget"):
+            resolve({"method": "cll", "arch": "moons-mlp", "budget": bad})
+
+
+def test_budgeted_run_plans_its_epochs_records_compute_and_resumes_with_the_same_plan(tmp_path):
+    """A budget replaces the epoch count: the plan (from timed steps on a copy) fixes the epochs, result.json
+    records budgeted and measured seconds per epoch, the folder keeps the config as given, and a resumed run
+    keeps the plan from its checkpoint instead of measuring again."""
+    from bench import store
+    cfg = _short(budget="3s")
+    result = train_run(cfg, tmp_path)
+    b = result["budget"]
+    assert b["seconds"] == 3.0 and b["epochs"] == result["epochs"] >= 1
+    assert b["seconds_per_epoch_planned"] > 0 and b["probe_steps"] >= 10
+    assert b["seconds_per_epoch_measured"] == pytest.approx(result["train_seconds"] / result["epochs"], rel=1e-3)
+    assert result["config_hash"] == config_hash(cfg)
+    assert store.read_config(tmp_path)["epochs"] == cfg["epochs"]
+    rows = store.read_metrics(tmp_path)
+    assert len(rows) == result["epochs"]
+    # resume: the last checkpoint holds the plan; a rerun of the finished run's folder trains nothing new
+    (tmp_path / "result.json").unlink()
+    again = train_run(cfg, tmp_path)
+    assert again["epochs"] == result["epochs"] and again["budget"]["seconds_per_epoch_planned"] == \
+        b["seconds_per_epoch_planned"]
+
+
+def test_tables_mark_budgeted_runs_with_their_measured_compute(tmp_path):
+    from bench.report import tables
+    from bench.store import run_dir
+    cfg = _short(budget="2s")
+    train_run(cfg, run_dir(tmp_path, cfg))
+    runs, problems = tables.collect(tmp_path)
+    assert not problems
+    _, display = tables.build_table(runs, "test")
+    note = display["Note"].iloc[0]
+    assert note.startswith("budget 2 s: ") and "measured" in note

@@ -49,6 +49,20 @@ def short_note(cfg: dict) -> str:
     return ", ".join(notes)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200
+                                                     else f"{seconds / 3600:.1f} h")
+
+
+def budget_note(result: dict) -> str:
+    """'' for an epoch-count run; for a budgeted one its budget, planned epochs and measured training time."""
+    b = result.get("budget")
+    if not b:
+        return ""
+    return (f"budget {_duration(float(b['seconds']))}: {int(b['epochs'])} ep, "
+            f"measured {_duration(float(b.get('train_seconds', result.get('train_seconds') or 0)))}")
+
+
 def eps_train_column(cfg: dict, name: str) -> bool:
     """Whether CRA name `name` is the training ε (cert_eps entry "eps"), shown in one 'CRA@ε_train' column."""
     return (cfg.get("eps") is not None and "eps" in (cfg.get("cert_eps") or [])
@@ -63,7 +77,8 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
     for result, cfg in runs:
         row = {k: result[k] for k in IDENTITY}
         row.update(config_hash=result["config_hash"], seed=result["seed"], status=result["status"],
-                   short=short_note(cfg), eps_train=cfg.get("eps"))
+                   short="; ".join(n for n in (budget_note(result), short_note(cfg) if not result.get("budget")
+                                               else "") if n), eps_train=cfg.get("eps"))
         ev = (result.get("eval") or {}).get(split) or {}
         row["clean"] = ev.get("clean")
         tail = (result.get("last_evals") or {}) if split == "test" else {}
@@ -367,7 +382,8 @@ def display_frame(agg: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataF
                 bold.append((pos, header(m)))
         label["#params"] = _fmt_params(r.get("params"))
         label["n"] = n_label(r)
-        label["Note"] = f"short run ({r['short']})" if r["short"] else ""
+        label["Note"] = ("" if not r["short"] else r["short"] if str(r["short"]).startswith("budget ")
+                         else f"short run ({r['short']})")
         rows.append(label)
     df = pd.DataFrame(rows).fillna("")
     if df["Dataset"].nunique() <= 1:
