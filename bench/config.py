@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
@@ -150,18 +151,22 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
 
 def profile_values(method, method_name: str, profile: str, dataset: str,
                    family: Optional[str] = None) -> Dict[str, object]:
-    """A method's profile (`Method.profiles[name]`): config values keyed "*" (every dataset), by dataset and by
-    "<dataset>@<family>", applied in that order over the protocol and under the run's own keys. A profile is
-    only ordinary options: each difference it switches is a key with its own default."""
+    """A method's profile (`Method.profiles[name]`): config values keyed "*" (every run), by dataset (the plain,
+    family-less architectures that dataset's recipe is for) and by "<dataset>@<family>" (as the protocols), applied
+    over the protocol and under the run's own keys. A profile is only ordinary options: each difference it
+    switches is a key with its own default. A profile with nothing for this dataset and family is an error, so
+    no run is labelled with a profile it does not follow."""
     profiles = getattr(method, "profiles", {}) or {}
     if profile not in profiles:
         raise ConfigError(f"method {method_name!r} has no profile {profile!r}"
                           + (f"; known: {', '.join(sorted(profiles))}" if profiles else " (it has none)"))
     table = profiles[profile]
-    out: Dict[str, object] = {}
-    for key in ("*", dataset, f"{dataset}@{family}" if family else None):
-        if key is not None:
-            out.update(copy.deepcopy(table.get(key, {})))
+    specific = f"{dataset}@{family}" if family else dataset
+    if "*" not in table and specific not in table:
+        raise ConfigError(f"method {method_name!r}'s profile {profile!r} has no values for {specific} "
+                          f"(it covers {', '.join(sorted(table))})")
+    out: Dict[str, object] = copy.deepcopy(table.get("*", {}))
+    out.update(copy.deepcopy(table.get(specific, {})))
     return out
 
 
@@ -180,8 +185,8 @@ def budget_seconds(value) -> float:
             seconds = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
     except ValueError:
         raise ConfigError(f"budget must be seconds or a duration such as 2h, 90m or 300s, got {value!r}") from None
-    if not seconds > 0:
-        raise ConfigError(f"budget must be positive, got {value!r}")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigError(f"budget must be a positive, finite duration, got {value!r}")
     return seconds
 
 
@@ -189,6 +194,8 @@ def is_short_run(cfg: Mapping[str, object]) -> bool:
     """Fewer epochs than the protocol, or a training subset: a smoke run, never presented as a reproduction.
     Such runs use the `*_short` budgets where a dataset or method sets them."""
     proto = cfg.get("protocol_epochs")
+    if cfg.get("budget") is not None:   # its epochs are what the budget buys: the same in training and audit
+        return bool(cfg.get("train_subset"))
     return bool(cfg.get("train_subset")) or bool(proto and int(cfg["epochs"]) < int(proto))
 
 

@@ -272,7 +272,7 @@ def plan_budget(cfg: Mapping[str, object], data: DataBundle, model, device: torc
         idx = torch.randperm(len(data.y_train), generator=gen)[:bs].to(device)
         xb, yb = training_batch(data, cfg, idx, gen)
         train_step(probe, forward, method, opt, sched, xb, yb, 0.5, power_iter, tally)
-        if (k + 1) % int(cfg["sync_every"]) == 0:
+        if (k + 1) % max(1, int(cfg["sync_every"])) == 0:
             bool(torch.isfinite(tally.loss))
 
     for k in range(BUDGET_WARMUP_STEPS):
@@ -466,7 +466,7 @@ def add_cra_ceiling(ev: Dict[str, object], data: DataBundle, cfg) -> None:
     for split in ("train", "test"):
         if isinstance(ev.get(split), dict):
             x, y, _, _ = evaluation_split(data, cfg, split)
-            x, y = x.detach().cpu().double().numpy(), y.cpu().numpy()
+            x, y = data.inputs(x, torch.float64).detach().cpu().numpy(), y.cpu().numpy()   # data units, as ε
             ev[split]["cra_ceiling"] = {name: cra_ceiling(x, y, e) for name, e in eps.items()}
 
 

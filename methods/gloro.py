@@ -69,7 +69,7 @@ class GloRo(Method):
         "eps_schedule": "fixed",     # fixed | poly | log | log_half
         "eps_schedule_power": 5.0,   # γ of the poly schedule
         "trades_lambda": 0.0,        # λ_T; number or schedule (Table B4 Tiny-ImageNet: linear 0.5 → 20)
-        "extremal_pair_grad": False,  # the CLL repo's port: an extra gradient through max ‖W_a − W_b‖ (§8.7)
+        "extremal_pair_grad": None,   # true: the CLL repo's port, an extra gradient through max ‖W_a − W_b‖ (§8.7)
     }
     protocols = {
         # Supplement B, Table B1: same training as CLL on two-moons; GloRo runs use a fixed ε.
@@ -106,7 +106,7 @@ class GloRo(Method):
         self.eps = float(cfg["eps"])
         self.eps_at = _eps_schedule(str(cfg["eps_schedule"]), self.eps, float(cfg["eps_schedule_power"]))
         self.trades = make_schedule(cfg["trades_lambda"])
-        self.extremal_pair_grad = bool(cfg["extremal_pair_grad"])
+        self.extremal_pair_grad = bool(cfg.get("extremal_pair_grad"))
 
     def loss(self, logits, y, bound, progress):
         eps = self.eps_at(progress)

@@ -114,3 +114,26 @@ def test_tail_footnote_only_where_it_exceeds_the_seed_spread():
 def _series(row, m):
     import pandas as pd
     return pd.Series({f"{m}_mean": row["m_mean"], f"{m}_std": row["m_std"], f"{m}{tables.TAIL}": row[f"m{tables.TAIL}"]})
+
+
+def test_defaults_baseline_compares_each_ablation_with_its_own_defaults(tmp_path):
+    """`baseline: defaults`: every row gets (+x) against the same method's row at lipbench's defaults (the config
+    closest to `resolve(method, arch, dataset, ε)`), even when the defaults row's label names other keys."""
+    from tests.test_report import write_run
+    cll, gloro = {"method": "cll", "arch": "moons-mlp", "dataset": "moons"}, \
+        {"method": "gloro", "arch": "moons-mlp", "dataset": "moons"}
+    for seed in (1, 2):
+        write_run(tmp_path, {**cll, "eps": 0.25}, seed, cra=0.90)
+        write_run(tmp_path, {**cll, "eps": 0.25, "normalization": "per_logit"}, seed, cra=0.60)
+        write_run(tmp_path, {**cll, "eps": 0.25, "profile": "official"}, seed, cra=0.55)
+        write_run(tmp_path, {**gloro, "eps": 0.25}, seed, cra=0.80)
+        write_run(tmp_path, {**gloro, "eps": 0.25, "profile": "official"}, seed, cra=0.70)
+    runs, _ = tables.collect(tmp_path)
+    agg, display = tables.build_table(runs, "test", 2, baseline="defaults")
+    col = [c for c in display.columns if c.startswith("CRA@")][0]
+    cells = dict(zip(display["Setting"], display[col]))
+    assert any("(−30.0)" in v for k, v in cells.items() if "per_logit" in k)
+    assert any("(−35.0)" in v for k, v in cells.items() if "official" in k and "normalization=per_logit" in k)
+    assert any("(−10.0)" in v for k, v in cells.items() if "extremal_pair_grad=True" in k)   # GloRo official
+    defaults = [v for k, v in cells.items() if "(" not in v]
+    assert len(defaults) == 2

@@ -55,7 +55,7 @@ def test_training_steps_do_not_sync_on_cuda(method):
     if hasattr(model, "configure"):
         model.configure(cfg)
     m = METHODS.get(name)(cfg, classes)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(cfg, model)
     sched = make_lr_scheduler(cfg, opt, 10)
     x, y = torch.rand(8, *shape, device=dev), torch.randint(0, classes, (8,), device=dev)
     model.train()

@@ -319,16 +319,43 @@ def baseline_rows(agg: pd.DataFrame, baseline: Optional[str]) -> Dict[int, Optio
 DEFAULTS_BASELINE = "defaults"
 
 
+def defaults_by_hash(runs) -> Dict[str, Optional[str]]:
+    """For each config hash, the hash of the config among the runs that is closest to lipbench's defaults for
+    the same method, arch, dataset and ε: the fewest keys differing from `resolve({method, arch, dataset, ε})`
+    (execution keys and the seed aside). None where that closest config is not unique."""
+    from bench.config import EXECUTION_KEYS, resolve
+
+    configs = {r["config_hash"]: c for r, c in runs}
+    distance: Dict[str, int] = {}
+    for h, cfg in configs.items():
+        spec = {k: cfg[k] for k in ("method", "arch", "dataset")}
+        if cfg.get("eps") is not None:
+            spec["eps"] = cfg["eps"]
+        base = resolve(spec)
+        distance[h] = sum(1 for k in set(base) | set(cfg)
+                          if k not in EXECUTION_KEYS and k != "seed" and base.get(k) != cfg.get(k))
+    groups: Dict[tuple, List[str]] = {}
+    for h, cfg in configs.items():
+        groups.setdefault((cfg["method"], cfg["arch"], cfg["dataset"], repr(cfg.get("eps"))), []).append(h)
+    out: Dict[str, Optional[str]] = {}
+    for members in groups.values():
+        best = min(distance[h] for h in members)
+        closest = [h for h in members if distance[h] == best]
+        for h in members:
+            out[h] = closest[0] if len(closest) == 1 else None
+    return out
+
+
 def _defaults_rows(agg: pd.DataFrame) -> Dict[int, Optional[int]]:
-    plain = agg["setting"].fillna("").map(
-        lambda s: all(part.split("=")[0] in ALWAYS_LABELLED for part in str(s).split(", ") if part))
+    """Row → the row of its defaults config (`defaults_by_hash`, filled in by `build_table`)."""
+    if "defaults_hash" not in agg:
+        return {}
+    index = {h: i for i, h in zip(agg.index, agg["config_hash"])}
     out: Dict[int, Optional[int]] = {}
     for i, r in agg.iterrows():
-        if plain[i]:
-            continue
-        same = plain & (agg["method"] == r["method"]) & (agg["arch"] == r["arch"]) & \
-            (agg["dataset"] == r["dataset"]) & (agg["eps_train"].astype(str) == str(r["eps_train"]))
-        out[i] = int(agg.index[same][0]) if int(same.sum()) == 1 else None
+        base = r["defaults_hash"]
+        if isinstance(base, str) and base != r["config_hash"]:
+            out[i] = index.get(base)
     return out
 
 
@@ -486,6 +513,8 @@ def build_table(runs, split: str = "test", seeds_expected: Optional[int] = None,
     labels = settings_by_hash(runs)
     df["setting"] = df["config_hash"].map(labels).fillna("")
     agg = aggregate(df, seeds_expected)
+    if baseline == DEFAULTS_BASELINE and not agg.empty:
+        agg["defaults_hash"] = agg["config_hash"].map(defaults_by_hash(runs))
     return agg, display_frame(agg, baseline)
 
 
