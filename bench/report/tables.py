@@ -82,6 +82,9 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
         ev = (result.get("eval") or {}).get(split) or {}
         row["clean"] = ev.get("clean")
         tail = (result.get("last_evals") or {}) if split == "test" else {}
+        epochs = tail.get("epochs") or []
+        if len(epochs) < 2 or epochs[-1] - epochs[0] != len(epochs) - 1:
+            tail = {}   # end-of-run noise only from consecutive epochs (`eval_tail`), not across a schedule
         for name, value in (ev.get("cra") or {}).items():
             col = "CRA@ε_train" if eps_train_column(cfg, name) else f"CRA@{name}"
             row[col] = value
@@ -532,8 +535,9 @@ LOCAL_CAPTION = (" Input-aware methods (Local-Lip-B) certify each point with its
 CEILING_CAPTION = (" Ceiling: the largest CRA any classifier can reach on the same points at that ε (n minus a "
                    "maximum matching of opposite-class pairs at most 2ε apart; bench/data/ceiling.py), mean ± std "
                    "over the seeds' data.")
-TAIL_CAPTION = (" †s: the run's own spread at its end, the sample std over its last 10 test evaluations (mean over "
-                "seeds), shown where it exceeds the seed std: a single final evaluation is then noisier than ± says.")
+TAIL_CAPTION = (" †s: the run's own spread at its end, the sample std over its last 10 epochs' test evaluations "
+                "(mean over seeds), shown where it exceeds the seed std: a single final evaluation is then noisier "
+                "than ± says.")
 
 
 def caption_for(display: pd.DataFrame, base: str = CAPTION) -> str:
