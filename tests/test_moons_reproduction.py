@@ -4,6 +4,7 @@ import itertools
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench import store
@@ -137,3 +138,21 @@ def test_defaults_baseline_compares_each_ablation_with_its_own_defaults(tmp_path
     assert any("(−10.0)" in v for k, v in cells.items() if "extremal_pair_grad=True" in k)   # GloRo official
     defaults = [v for k, v in cells.items() if "(" not in v]
     assert len(defaults) == 2
+
+
+def test_tail_spread_needs_consecutive_epochs(tmp_path):
+    """The † spread is read only from consecutive-epoch evaluations (eval_tail); evaluations every 10 epochs
+    span a schedule, so their spread is not shown as end-of-run noise."""
+    from tests.test_report import write_run
+    import json as _json
+    spec = {"method": "cll", "arch": "moons-mlp", "dataset": "moons", "eps": 0.25}
+    for seed, epochs in ((1, list(range(991, 1001))), (2, list(range(910, 1001, 10)))):
+        folder = write_run(tmp_path / str(seed), spec, seed, cra=0.9)
+        result = _json.loads((folder / "result.json").read_text())
+        result["last_evals"] = {"n": 10, "epochs": epochs, "test_cra@0.25": {"min": 0.5, "max": 0.9, "std": 0.2}}
+        store.write_result(folder, result)
+    for seed, shown in ((1, True), (2, False)):
+        runs, problems = tables.collect(tmp_path / str(seed))
+        assert not problems
+        df = tables.run_frame(runs, "test")
+        assert (not pd.isna(df[f"CRA@ε_train{tables.TAIL}"].iloc[0])) == shown
