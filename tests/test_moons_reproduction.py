@@ -132,12 +132,12 @@ def test_defaults_baseline_compares_each_ablation_with_its_own_defaults(tmp_path
     runs, _ = tables.collect(tmp_path)
     agg, display = tables.build_table(runs, "test", 2, baseline="defaults")
     col = [c for c in display.columns if c.startswith("CRA@")][0]
-    cells = dict(zip(display["Setting"], display[col]))
-    assert any("(−30.0)" in v for k, v in cells.items() if "per_logit" in k)
-    assert any("(−35.0)" in v for k, v in cells.items() if "official" in k and "normalization=per_logit" in k)
-    assert any("(−10.0)" in v for k, v in cells.items() if "extremal_pair_grad=True" in k)   # GloRo official
-    defaults = [v for k, v in cells.items() if "(" not in v]
-    assert len(defaults) == 2
+    cells = {(m, k): v for m, k, v in zip(display["Method"], display["Setting"], display[col])}
+    assert "(−30.0)" in cells[("cll", "normalization=per_logit, profile=None")]
+    assert "(−35.0)" in cells[("cll", "profile=official")]     # a profile's keys are named by it
+    assert "(−10.0)" in cells[("gloro", "profile=official")]
+    assert "(" not in cells[("cll", "normalization=pairwise, profile=None")]
+    assert "(" not in cells[("gloro", "profile=None")]
 
 
 def test_tail_spread_needs_consecutive_epochs(tmp_path):

@@ -112,22 +112,38 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
 ALWAYS_LABELLED = ("eps",)
 
 
+def _profile_keys(cfg: dict) -> set:
+    """The keys a run's profile set (and that still hold the profile's value): they are named by the profile."""
+    if not cfg.get("profile"):
+        return set()
+    from bench.config import ConfigError as _ConfigError, profile_values
+    from bench.registry import ARCHS, METHODS, UnknownNameError
+    try:
+        family = getattr(ARCHS.get(str(cfg["arch"])), "family", None)
+        values = profile_values(METHODS.get(str(cfg["method"])), str(cfg["method"]), str(cfg["profile"]),
+                                str(cfg["dataset"]), family)
+    except (_ConfigError, UnknownNameError):
+        return set()
+    return {k for k, v in values.items() if cfg.get(k) == v}
+
+
 def settings_by_hash(runs: Iterable[Tuple[dict, dict]], exclude: Sequence[str] = ()) -> Dict[str, str]:
     """For each config hash, the keys whose values differ among configs of the same method/arch/dataset
     (e.g. 'eps=0.15'), so rows are labelled by what actually differs between them (`exclude`: keys left out,
-    e.g. the swept one)."""
+    e.g. the swept one). Keys a profile set are named by the profile ('profile=official'), not one by one."""
     configs = {result["config_hash"]: cfg for result, cfg in runs}
-    groups: Dict[tuple, List[dict]] = {}
+    by_profile = {h: _profile_keys(cfg) for h, cfg in configs.items()}
+    groups: Dict[tuple, List[Tuple[str, dict]]] = {}
     by_dataset: Dict[str, List[dict]] = {}
-    for cfg in configs.values():
-        groups.setdefault(tuple(cfg[k] for k in IDENTITY), []).append(cfg)
+    for h, cfg in configs.items():
+        groups.setdefault(tuple(cfg[k] for k in IDENTITY), []).append((h, cfg))
         by_dataset.setdefault(str(cfg["dataset"]), []).append(cfg)
     labels = {}
     for h, cfg in configs.items():
         peers = groups[tuple(cfg[k] for k in IDENTITY)]
         table = by_dataset[str(cfg["dataset"])]
-        varying = sorted(k for k in cfg if k not in _NOT_SETTINGS and k not in exclude and (
-            len({repr(p.get(k)) for p in peers}) > 1
+        varying = sorted(k for k in cfg if k not in _NOT_SETTINGS and k not in exclude and k not in by_profile[h] and (
+            len({repr(p.get(k)) for ph, p in peers if k not in by_profile[ph]}) > 1
             or (k in ALWAYS_LABELLED and len({repr(p.get(k)) for p in table}) > 1)))
         labels[h] = ", ".join(f"{k}={_fmt_setting(cfg.get(k))}" for k in varying)
     return labels
@@ -551,8 +567,8 @@ def caption_for(display: pd.DataFrame, base: str = CAPTION) -> str:
     if "K(f) max" in display.columns:
         text += LOCAL_CAPTION
     if display.attrs.get("baseline") == DEFAULTS_BASELINE:
-        text += (" (+x): difference to lipbench's defaults, the row of the same method, arch and ε whose setting "
-                 "names only ε.")
+        text += (" (+x): difference to lipbench's defaults, the row of the same method, arch and ε whose config is "
+                 "closest to the resolved defaults.")
     elif display.attrs.get("baseline"):
         text += f" (+x): difference to the {display.attrs['baseline']} row of the same dataset, arch and ε."
     if "Note" in display and display["Note"].astype(bool).any():
