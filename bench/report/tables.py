@@ -90,6 +90,7 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
             row[col] = value
             row[f"{col}{TAIL}"] = (tail.get(f"test_cra@{name}") or {}).get("std")
         row[f"clean{TAIL}"] = (tail.get("test_clean") or {}).get("std")
+        row[f"K_f{TAIL}"] = None if result.get("K_f_local") else (tail.get("K_f") or {}).get("std")
         for name, value in (ev.get("cra_ceiling") or {}).items():
             row["ceil@ε_train" if eps_train_column(cfg, name) else f"ceil@{name}"] = value
         if power:
