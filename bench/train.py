@@ -442,7 +442,8 @@ def last_evals(rows, n: int = LAST_EVALS) -> Dict[str, object]:
     """The spread of the run's last `n` test evaluations (metrics.csv rows with test metrics): per metric its
     min, max and sample std, with the epochs they come from. A run's end state can swing from one evaluation to
     the next (GloRo on two-moons, official-moons.md); the tables compare this spread with the seed spread where
-    the evaluations are consecutive epochs (`eval_tail`), so that a schedule's drift is not read as noise."""
+    the evaluations are consecutive epochs in the run's last tenth (`eval_tail`), so a schedule's drift is not
+    read as noise."""
     evaluated = [r for r in rows if str(r.get("test_clean", "")).strip() not in ("", "nan")]
     tail = evaluated[-n:]
     if not tail:

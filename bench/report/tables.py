@@ -83,8 +83,9 @@ def run_frame(runs: Iterable[Tuple[dict, dict]], split: str = "test", power: boo
         row["clean"] = ev.get("clean")
         tail = (result.get("last_evals") or {}) if split == "test" else {}
         epochs = tail.get("epochs") or []
-        if len(epochs) < 2 or epochs[-1] - epochs[0] != len(epochs) - 1:
-            tail = {}   # end-of-run noise only from consecutive epochs (`eval_tail`), not across a schedule
+        if len(epochs) < 2 or epochs[-1] - epochs[0] != len(epochs) - 1 or \
+                epochs[0] <= 0.9 * int(result.get("epochs") or epochs[-1]):
+            tail = {}   # end-of-run noise: consecutive epochs in the run's last tenth, never across its schedule
         for name, value in (ev.get("cra") or {}).items():
             col = "CRA@ε_train" if eps_train_column(cfg, name) else f"CRA@{name}"
             row[col] = value
