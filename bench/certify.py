@@ -11,7 +11,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -245,43 +245,57 @@ def lower_bound(model: torch.nn.Module, x: torch.Tensor, pairs: int = 4000, step
         max_i |(f_j − f_i)(x₁) − (f_j − f_i)(x₂)| / ‖x₁ − x₂‖₂,   j = argmax f(x₁) (re-evaluated every step),
     clamping to the data domain after each step; returns the largest value seen over all steps and pairs.
     """
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    n = min(2 * pairs, len(x) - len(x) % 2)
-    idx = torch.randperm(len(x), generator=generator)[:n]
     best = 0.0
     try:
-        for start in range(0, n // 2, chunk):
-            m = min(chunk, n // 2 - start)
-            a, b = (x[idx[lo:lo + m]].to(device) for lo in (start, n // 2 + start))
-            # only the drawn points are converted to data units (not the whole pool: 5 GB on Tiny-ImageNet)
-            a, b = ((to_input(v) if to_input is not None else v).clone().requires_grad_(True) for v in (a, b))
-            opt = torch.optim.Adam([a, b], lr=lr)
-            for _ in range(steps + 1):
-                fa, fb = model(a), model(b)
-                j = fa.detach().argmax(dim=1, keepdim=True)
-                diff = (fa.gather(1, j) - fa) - (fb.gather(1, j) - fb)
-                dist = torch.linalg.vector_norm((a - b).flatten(1), dim=1)
-                valid = dist > 0
-                q = diff.abs().amax(dim=1) / dist.clamp_min(1e-12)
-                q = torch.where(valid, q, torch.zeros_like(q))
-                best = max(best, float(q.detach().max()))
-                if _ == steps:
-                    break
-                opt.zero_grad(set_to_none=True)
-                (-q.sum()).backward()
-                opt.step()
-                if domain is not None:
-                    with torch.no_grad():
-                        a.clamp_(*domain)
-                        b.clamp_(*domain)
+        for a, b in lower_bound_pairs(x, pairs, generator, chunk, to_input, next(model.parameters()).device):
+            best = max(best, float(pair_ascent(lambda v: model(v[0])[None], a[None], b[None], steps, lr, domain)[0]))
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
         model.train(was_training)
+    return best
+
+
+def lower_bound_pairs(x: torch.Tensor, pairs: int, generator: Optional[torch.Generator], chunk: int, to_input,
+                      device) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs `lower_bound` starts from, in chunks of at most `chunk`: (x₁, x₂) in data units."""
+    n = min(2 * pairs, len(x) - len(x) % 2)
+    idx = torch.randperm(len(x), generator=generator)[:n]
+    for start in range(0, n // 2, chunk):
+        m = min(chunk, n // 2 - start)
+        a, b = (x[idx[lo:lo + m]].to(device) for lo in (start, n // 2 + start))
+        # only the drawn points are converted to data units (not the whole pool: 5 GB on Tiny-ImageNet)
+        yield tuple((to_input(v) if to_input is not None else v) for v in (a, b))
+
+
+def pair_ascent(forward, a: torch.Tensor, b: torch.Tensor, steps: int, lr: float,
+                domain: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+    """`lower_bound`'s Adam ascent for a stack of M networks at once: `forward` maps points [M, P, ...] to logits
+    [M, P, N] (network m on its own points); returns the best quotient per network, [M]."""
+    a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    opt = torch.optim.Adam([a, b], lr=lr)
+    best = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for step in range(steps + 1):
+        fa, fb = forward(a), forward(b)
+        j = fa.detach().argmax(dim=-1, keepdim=True)
+        diff = (fa.gather(-1, j) - fa) - (fb.gather(-1, j) - fb)
+        dist = torch.linalg.vector_norm((a - b).flatten(2), dim=-1)
+        q = diff.abs().amax(dim=-1) / dist.clamp_min(1e-12)
+        q = torch.where(dist > 0, q, torch.zeros_like(q))
+        best = torch.maximum(best, q.detach().amax(dim=-1).double())
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        (-q.sum()).backward()
+        opt.step()
+        if domain is not None:
+            with torch.no_grad():
+                a.clamp_(*domain)
+                b.clamp_(*domain)
     return best
 
 

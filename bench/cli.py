@@ -19,7 +19,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set eps=0.5 --set p=0.01 (repeatable)")
     p.add_argument("--epochs", type=int, help="train for this many epochs (lr milestones scale along)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=1, help="runs trained at once in separate processes")
+    p.add_argument("--workers", type=int, default=1, help="packs of runs trained at once in separate processes")
+    p.add_argument("--pack", type=int, help="runs that differ only in seed and method hyperparameters train in one "
+                                            "process as one stacked network, up to this many (default 16; 1: "
+                                            "one process per run)")
     p.add_argument("--force", action="store_true", help="redo runs that are already complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")
@@ -146,7 +149,7 @@ def cmd_run(args) -> int:
     spec = {"method": args.method, "arch": args.arch, "dataset": args.dataset, **_overrides(args)}
     cfg = resolve(spec)
     cfgs = [{**cfg, "seed": s} for s in range(1, args.seeds + 1)]
-    results = run_all(cfgs, args.results, workers=args.workers, force=args.force, quiet=args.quiet)
+    results = run_all(cfgs, args.results, workers=args.workers, force=args.force, quiet=args.quiet, pack=args.pack)
     print_results(results)
     return 0
 
@@ -165,7 +168,7 @@ def cmd_suite(args) -> int:
 
         submit(cfgs, args.results, str(suite["name"]), args.partition, args.time, args.max_parallel,
                dry_run=args.dry_run, force=args.force, gpus_per_task=args.gpus_per_task,
-               cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+               cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, pack=args.pack)
         return 0
     if args.dry_run:
         from bench.launch.local import partition
@@ -174,7 +177,7 @@ def cmd_suite(args) -> int:
         print(f"suite {suite['name']}: {len(done)} finished, {len(todo)} to train (dry run)")
         return 0
     run_all(cfgs, args.results, workers=args.workers, force=args.force, quiet=args.quiet,
-            runs_per_gpu=args.runs_per_gpu)
+            runs_per_gpu=args.runs_per_gpu, pack=args.pack)
     write_suite_outputs(suite, cfgs, Path(args.results))
     return 0
 

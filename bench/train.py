@@ -159,9 +159,10 @@ def evaluate(model, method, data: DataBundle, cfg, splits=("test", "train")) -> 
     return out
 
 
-def _rng_state(gen: torch.Generator) -> Dict[str, object]:
+def global_rng_state() -> Dict[str, object]:
+    """The process-wide generators (torch, numpy, Python, CUDA): a packed run keeps one copy per member."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+    state = {"torch": torch.get_rng_state(),
              "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
              "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
     if torch.cuda.is_available():
@@ -169,13 +170,21 @@ def _rng_state(gen: torch.Generator) -> Dict[str, object]:
     return state
 
 
-def _set_rng_state(gen: torch.Generator, state: Mapping[str, object]) -> None:
+def set_global_rng_state(state: Mapping[str, object]) -> None:
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
     random.setstate((3, tuple(int(v) for v in state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_state(gen: torch.Generator) -> Dict[str, object]:
+    return {**global_rng_state(), "gen": gen.get_state()}
+
+
+def _set_rng_state(gen: torch.Generator, state: Mapping[str, object]) -> None:
+    set_global_rng_state(state)
+    gen.set_state(state["gen"])
 
 
 def training_forward(model, cfg: Mapping[str, object], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -296,117 +305,160 @@ def plan_budget(cfg: Mapping[str, object], data: DataBundle, model, device: torc
             "step_seconds": step_seconds, "probe_steps": timed}
 
 
+def steps_per_epoch(cfg: Mapping[str, object], n: int) -> int:
+    bs = int(cfg["batch_size"])
+    return n // bs if cfg["drop_last"] and n >= bs else math.ceil(n / bs)
+
+
+class Run:
+    """One run's training state outside the optimizer: its config, folder, data, network, method, data-order
+    generator, watchdog and metrics rows. `train_run` drives one; a pack (bench/pack.py) drives several through
+    the same epoch end (`end_epoch`), so a packed member converges, evaluates, checkpoints and stops as an
+    unpacked run does."""
+
+    def __init__(self, cfg: Dict[str, object], folder: Path, device: torch.device, budget_probe: bool = True):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hashed_cfg, self.budget = cfg, None   # config.yaml and the hash keep the run's config as given
+        seed_everything(int(cfg["seed"]))
+        self.device = device
+        self.data = build_data(cfg).to(device)
+        self.model = build_model(cfg, self.data, device)
+        n = len(self.data.y_train)
+        self.steps_per_epoch = steps_per_epoch(cfg, n)
+        self.checkpoint = store.load_checkpoint(self.folder / store.CHECKPOINT, map_location=device) \
+            if (self.folder / store.CHECKPOINT).exists() else None
+        if cfg.get("budget") is not None and budget_probe:
+            # a budgeted run trains for the epochs its budget buys, planned once and kept in the checkpoint
+            self.budget = (self.checkpoint or {}).get("budget") or plan_budget(cfg, self.data, self.model, device,
+                                                                              self.steps_per_epoch)
+            cfg = {**cfg, "epochs": int(self.budget["epochs"])}
+        self.cfg = cfg
+        self.method = METHODS.get(str(cfg["method"]))(cfg, self.data.num_classes)
+        self.epochs = int(cfg["epochs"])
+        self.total_steps = max(1, self.epochs * self.steps_per_epoch)
+        self.gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        self.start_epoch, self.step, self.rows, self.train_seconds, self.resumed_at = 0, 0, [], 0.0, []
+        self.final_eval = None  # stays None when resuming a run whose last epoch was already checkpointed
+        store.write_config(self.folder, self.hashed_cfg)
+
+    def resume(self, opt, sched) -> None:
+        """Load the run's checkpoint (if any) into the network, `opt`/`sched` (None: the caller loads its own)
+        and the generators; the watchdog then replays the recorded epochs."""
+        state = self.checkpoint
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            if opt is not None:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+            _set_rng_state(self.gen, state["rng"])
+            self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.train_seconds = float(state["train_seconds"])
+            self.resumed_at = [int(e) for e in state.get("resumed_at", [])] + [self.start_epoch]
+            self.rows = store.read_metrics(self.folder)[:self.start_epoch]
+        cfg = self.cfg
+        self.watchdog = ChanceWatchdog(self.data.num_classes, int(cfg["chance_patience"]), float(cfg["chance_margin"]),
+                                       max(int(cfg["chance_min_steps"]),
+                                           int(float(cfg["chance_min_fraction"]) * self.total_steps)))
+        for row in self.rows:
+            self.watchdog.update(float(row.get("train_acc", 1.0)), self.steps_per_epoch)
+
+    def batch(self, it: int, perm: torch.Tensor):
+        bs = int(self.cfg["batch_size"])
+        return training_batch(self.data, self.cfg, perm[it * bs:(it + 1) * bs], self.gen)
+
+    def epoch_order(self) -> torch.Tensor:
+        return torch.randperm(len(self.data.y_train), generator=self.gen).to(self.device)
+
+    def end_epoch(self, epoch: int, loss_sum: float, correct: int, logs: Dict[str, float], lr: float,
+                  clock: Callable[[], float], checkpoint_state: Callable[[], Dict[str, object]],
+                  on_epoch=None) -> None:
+        """After the epoch's steps: the non-finite check, the power iteration (it warm-starts training's
+        iterates; the guaranteed bounds only where an evaluation certifies), the metrics row, the evaluation
+        when due, metrics.csv and the checkpoint when due, and the chance watchdog. `clock()` is the run's
+        training seconds so far (the convergence counts as training)."""
+        cfg, model, epochs, spe = self.cfg, self.model, self.epochs, self.steps_per_epoch
+        if not math.isfinite(loss_sum):
+            raise DivergedError(f"non-finite loss at epoch {epoch + 1}", clock())
+        model.converge(tol=float(cfg["converge_tol"]), guaranteed=False)
+        self.train_seconds = train_seconds = clock()
+        n = len(self.data.y_train)
+        train_acc = correct / max(1, spe * int(cfg["batch_size"]) if cfg["drop_last"] else n)
+        row = {"epoch": epoch + 1, "loss": loss_sum / max(1, spe), "train_acc": train_acc, "lr": lr,
+               "K_f_power": float(model.power_bound().max(self.data.num_classes)),
+               "train_seconds": round(train_seconds, 3)}
+        row.update(logs)
+        if epoch + 1 == epochs:  # the final evaluation, once: its test split also fills the last metrics row
+            self.final_eval = evaluate(model, self.method, self.data, cfg)
+            ev = self.final_eval["test"]
+        elif (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 > epochs - int(cfg.get("eval_tail") or 0):
+            ev = evaluate(model, self.method, self.data, cfg, splits=("test",))["test"]
+        else:
+            ev = None
+        if ev is not None:
+            row["K_f"] = float(model.certified_bound().max(self.data.num_classes))
+            row["test_clean"] = ev["clean"]
+            row.update({f"test_cra@{k}": v for k, v in ev["cra"].items()})
+        self.rows.append(row)
+        # metrics.csv and the checkpoint are written together (each atomically; a resume drops metric rows
+        # beyond the checkpoint's epoch), every `checkpoint_every` epochs and at the end
+        if (epoch + 1) % int(cfg["checkpoint_every"]) == 0 or epoch + 1 == epochs:
+            store.write_metrics(self.folder, self.rows)
+            store.save_checkpoint(self.folder, {
+                "model": model.state_dict(), **checkpoint_state(), "rng": _rng_state(self.gen),
+                "epoch": epoch + 1, "step": self.step, "train_seconds": train_seconds,
+                "resumed_at": self.resumed_at, "budget": self.budget})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs, row)
+        if self.watchdog.update(train_acc, spe):
+            raise DivergedError(f"training accuracy at chance ({train_acc:.3f} ≤ {self.watchdog.threshold:.3f}) "
+                                f"for {self.watchdog.epochs} epochs ({self.watchdog.steps} steps), up to epoch "
+                                f"{epoch + 1}", train_seconds)
+
+    def finish(self, extra: Optional[Dict[str, object]] = None, lower: Optional[float] = None) -> Dict[str, object]:
+        budget = self.budget
+        if budget is not None:
+            budget = {**budget, "seconds_per_epoch_measured": self.train_seconds / max(1, self.epochs),
+                      "train_seconds": self.train_seconds}
+        return finish_run(self.cfg, self.folder, self.model, self.method, self.data, self.train_seconds, self.device,
+                          self.resumed_at, self.final_eval, hashed_cfg=self.hashed_cfg, budget=budget, extra=extra,
+                          lower=lower)
+
+
 def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[[int, int, dict], None]] = None,
               ) -> Dict[str, object]:
     """Train one run into `folder` (resuming from its checkpoint if there is one); returns result.json."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     git_commit()  # read now, while the checkout still holds the code this process loaded
-    seed = int(cfg["seed"])
-    seed_everything(seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     device = pick_device(str(cfg["device"]))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    data = build_data(cfg).to(device)
-    model = build_model(cfg, data, device)
-    hashed_cfg, budget = cfg, None   # config.yaml and the hash keep the run's config as given
-    if cfg.get("budget") is not None:
-        # a budgeted run trains for the epochs its budget buys, planned once and kept in the checkpoint
-        n_train, bs_ = len(data.y_train), int(cfg["batch_size"])
-        spe = n_train // bs_ if cfg["drop_last"] and n_train >= bs_ else math.ceil(n_train / bs_)
-        ckpt = folder / store.CHECKPOINT
-        budget = store.load_checkpoint(ckpt, map_location="cpu").get("budget") if ckpt.exists() else None
-        budget = budget or plan_budget(cfg, data, model, device, spe)
-        cfg = {**cfg, "epochs": int(budget["epochs"])}
-    method = METHODS.get(str(cfg["method"]))(cfg, data.num_classes)
+    run = Run(cfg, folder, device)
+    cfg, model, method = run.cfg, run.model, run.method
     opt = make_optimizer(cfg, model)
-    bs = int(cfg["batch_size"])
-    n = len(data.y_train)
-    steps_per_epoch = n // bs if cfg["drop_last"] and n >= bs else math.ceil(n / bs)
-    epochs = int(cfg["epochs"])
-    total_steps = max(1, epochs * steps_per_epoch)
-    sched = make_lr_scheduler(cfg, opt, steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
+    sched = make_lr_scheduler(cfg, opt, run.steps_per_epoch)
     forward = training_forward(model, cfg, device)
     power_iter = int(cfg["power_iter"])
     sync_every = max(1, int(cfg["sync_every"]))
-
-    store.write_config(folder, hashed_cfg)
-    start_epoch, step, rows, train_seconds, resumed_at = 0, 0, [], 0.0, []
-    ckpt_path = folder / store.CHECKPOINT
-    if ckpt_path.exists():
-        state = store.load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(gen, state["rng"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        train_seconds = float(state["train_seconds"])
-        resumed_at = [int(e) for e in state.get("resumed_at", [])] + [start_epoch]
-        rows = store.read_metrics(folder)[:start_epoch]
+    run.resume(opt, sched)
     model.train()
-    watchdog = ChanceWatchdog(data.num_classes, int(cfg["chance_patience"]), float(cfg["chance_margin"]),
-                              max(int(cfg["chance_min_steps"]), int(float(cfg["chance_min_fraction"]) * total_steps)))
-    for row in rows:
-        watchdog.update(float(row.get("train_acc", 1.0)), steps_per_epoch)
-    final_eval = None  # stays None when resuming a run whose last epoch was already checkpointed
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(device)
+    for epoch in range(run.start_epoch, run.epochs):
+        t0, before = time.perf_counter(), run.train_seconds
+        perm = run.epoch_order()
         tally = EpochTally(device)
-        for it in range(steps_per_epoch):
-            xb, yb = training_batch(data, cfg, perm[it * bs:(it + 1) * bs], gen)
-            train_step(model, forward, method, opt, sched, xb, yb, step / total_steps, power_iter, tally)
+        for it in range(run.steps_per_epoch):
+            xb, yb = run.batch(it, perm)
+            train_step(model, forward, method, opt, sched, xb, yb, run.step / run.total_steps, power_iter, tally)
             # a host sync every `sync_every` steps (and at epoch end) instead of one per step
-            if (step + 1) % sync_every == 0 and not torch.isfinite(tally.loss):
-                raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}",
-                                    train_seconds + time.perf_counter() - t0)
-            step += 1
-        if not torch.isfinite(tally.loss):
-            raise DivergedError(f"non-finite loss at epoch {epoch + 1}", train_seconds + time.perf_counter() - t0)
-        # the power iteration every epoch (it warm-starts training's iterates); the guaranteed bounds only where
-        # an evaluation certifies
-        model.converge(tol=float(cfg["converge_tol"]), guaranteed=False)
-        train_seconds += time.perf_counter() - t0
-        train_acc = float(tally.correct) / max(1, steps_per_epoch * bs if cfg["drop_last"] else n)
-        row = {"epoch": epoch + 1, "loss": float(tally.loss) / max(1, steps_per_epoch), "train_acc": train_acc,
-               "lr": opt.param_groups[0]["lr"], "K_f_power": float(model.power_bound().max(data.num_classes)),
-               "train_seconds": round(train_seconds, 3)}
-        row.update(tally.row(steps_per_epoch))
-        if epoch + 1 == epochs:  # the final evaluation, once: its test split also fills the last metrics row
-            final_eval = evaluate(model, method, data, cfg)
-            ev = final_eval["test"]
-        elif (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 > epochs - int(cfg.get("eval_tail") or 0):
-            ev = evaluate(model, method, data, cfg, splits=("test",))["test"]
-        else:
-            ev = None
-        if ev is not None:
-            row["K_f"] = float(model.certified_bound().max(data.num_classes))
-            row["test_clean"] = ev["clean"]
-            row.update({f"test_cra@{k}": v for k, v in ev["cra"].items()})
-        rows.append(row)
-        # metrics.csv and the checkpoint are written together (each atomically; a resume drops metric rows
-        # beyond the checkpoint's epoch), every `checkpoint_every` epochs and at the end
-        if (epoch + 1) % int(cfg["checkpoint_every"]) == 0 or epoch + 1 == epochs:
-            store.write_metrics(folder, rows)
-            store.save_checkpoint(folder, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                           "scheduler": sched.state_dict(), "rng": _rng_state(gen),
-                                           "epoch": epoch + 1, "step": step, "train_seconds": train_seconds,
-                                           "resumed_at": resumed_at, "budget": budget})
-        if on_epoch is not None:
-            on_epoch(epoch + 1, epochs, row)
-        if watchdog.update(train_acc, steps_per_epoch):
-            raise DivergedError(f"training accuracy at chance ({train_acc:.3f} ≤ {watchdog.threshold:.3f}) for "
-                                f"{watchdog.epochs} epochs ({watchdog.steps} steps), up to epoch {epoch + 1}",
-                                train_seconds)
-
-    if budget is not None:
-        budget = {**budget, "seconds_per_epoch_measured": train_seconds / max(1, epochs),
-                  "train_seconds": train_seconds}
-    return finish_run(cfg, folder, model, method, data, train_seconds, device, resumed_at, final_eval,
-                      hashed_cfg=hashed_cfg, budget=budget)
+            if (run.step + 1) % sync_every == 0 and not torch.isfinite(tally.loss):
+                raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {run.step + 1}",
+                                    run.train_seconds + time.perf_counter() - t0)
+            run.step += 1
+        run.end_epoch(epoch, float(tally.loss), int(tally.correct), tally.row(run.steps_per_epoch),
+                      opt.param_groups[0]["lr"], lambda: before + time.perf_counter() - t0,
+                      lambda: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, on_epoch)
+    return run.finish()
 
 
 def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
@@ -420,6 +472,11 @@ def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
         if cfg.get("lower_bound_steps_short") is not None:
             steps = min(steps, int(cfg["lower_bound_steps_short"]))
     return pairs, steps
+
+
+def lower_bound_generator(cfg: Mapping[str, object]) -> torch.Generator:
+    """The generator that draws a run's lower-bound pairs (its own stream: evaluation leaves training's alone)."""
+    return torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
 
 
 def local_K(model, ev: Dict[str, object]) -> Dict[str, object]:
@@ -474,22 +531,26 @@ def add_cra_ceiling(ev: Dict[str, object], data: DataBundle, cfg) -> None:
 
 def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds: float, device,
                resumed_at=(), ev: Optional[Dict[str, object]] = None, hashed_cfg=None,
-               budget: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+               budget: Optional[Dict[str, object]] = None, extra: Optional[Dict[str, object]] = None,
+               lower: Optional[float] = None) -> Dict[str, object]:
     """Evaluate (unless the last epoch already did, `ev`), bound from below, and write result.json. `cfg` is the
-    config trained (a budgeted run's with its planned epochs), `hashed_cfg` the one its folder is keyed by."""
+    config trained (a budgeted run's with its planned epochs), `hashed_cfg` the one its folder is keyed by;
+    `extra` adds entries (a packed member's `pack`); `lower`, the empirical lower bound when the caller computed it
+    (a pack, for all its members at once, from the pairs `certify.lower_bound_pairs` draws)."""
     ev = evaluate(model, method, data, cfg) if ev is None else ev
     ev = dict(ev)
     cert_seconds = ev.pop(SECONDS_KEY, None)
     add_cra_ceiling(ev, data, cfg)
     bound, power = model.certified_bound(), model.power_bound()
     K_f = float(bound.max(data.num_classes))
-    gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
-    lobo = 0.0
     lb_pairs, lb_steps = lower_bound_budget(cfg)
     lb_pairs = min(lb_pairs, len(data.y_train) // 2)  # as many pairs as the training pool holds
-    if lb_pairs > 0 and lb_steps >= 0:
-        lobo = certify.lower_bound(model, data.x_train, lb_pairs, lb_steps, float(cfg["lower_bound_lr"]), data.domain,
-                                   gen, to_input=data.inputs)
+    lobo = lower
+    if lobo is None:
+        lobo = 0.0
+        if lb_pairs > 0 and lb_steps >= 0:
+            lobo = certify.lower_bound(model, data.x_train, lb_pairs, lb_steps, float(cfg["lower_bound_lr"]),
+                                       data.domain, lower_bound_generator(cfg), to_input=data.inputs)
     result = {
         "method": cfg["method"], "arch": cfg["arch"], "dataset": cfg["dataset"], "seed": int(cfg["seed"]),
         "config_hash": store.config_hash(hashed_cfg or cfg), "status": "complete", "epochs": int(cfg["epochs"]),
@@ -504,6 +565,7 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
         SECONDS_KEY: cert_seconds,
         "last_evals": last_evals(store.read_metrics(folder)),
         **({"budget": budget} if budget is not None else {}),
+        **(extra or {}),
         "lower_bound_pairs": lb_pairs, "lower_bound_steps": lb_steps,
         "params": count_parameters(model),
         "certificate": method.certificate,

@@ -226,7 +226,8 @@ def test_slurm_dry_run_prints_the_array_and_submits_nothing(tmp_path):
     out, err = proc.communicate(timeout=120)
     print(out)
     assert proc.returncode == 0, err
-    assert "0 running, 24 to submit" in out and "--partition=gpu" in out and "--array=0-23%16" in out
+    # 24 runs in two packs (CLL's and GloRo's: seeds and ε vary inside a pack), one array task each
+    assert "0 running, 24 to submit in 2 packs" in out and "--partition=gpu" in out and "--array=0-1%16" in out
     assert not any(tmp_path.iterdir())
 
 
@@ -237,14 +238,14 @@ def test_submitit_array_trains_and_a_preempted_task_resumes(tmp_path):
     results = tmp_path / "results"
     executor = submitit.LocalExecutor(folder=tmp_path / "slurm")
     executor.update_parameters(timeout_min=10)
-    jobs = submit(cfgs, str(results), "tiny", None, "10", 2, executor=executor)
-    assert [j.result()["status"] for j in jobs] == ["complete", "complete"]
+    jobs = submit(cfgs, str(results), "tiny", None, "10", 2, executor=executor, pack=1)
+    assert [r["status"] for j in jobs for r in j.result()] == ["complete", "complete"]
     # a long run (1,500 one-step epochs), pre-empted early: submitit requeues the task, which resumes from
     # its last checkpoint instead of starting over
     long_cfg = {**resolve({"method": "cll", "arch": "moons-mlp", "dataset": "moons", "epochs": 1500,
                            "n_train": 100, "n_test": 200, "lower_bound_pairs": 20, "lower_bound_steps": 2,
                            "eval_every": 500, "threads": 1}), "seed": 3}
-    (job,) = executor.map_array(RunTask(str(results)), [long_cfg])
+    (job,) = executor.map_array(RunTask(str(results)), [[long_cfg]])
     folder = store.run_dir(results, long_cfg)
     deadline = time.time() + 400
     while time.time() < deadline and not (folder / store.CHECKPOINT).exists():
@@ -254,7 +255,7 @@ def test_submitit_array_trains_and_a_preempted_task_resumes(tmp_path):
     controller = job._process.pid
     (task_pid,) = [int(p) for p in Path(f"/proc/{controller}/task/{controller}/children").read_text().split()]
     os.kill(task_pid, signal.SIGUSR2)
-    result = job.result()
+    (result,) = job.result()
     assert result["status"] == "complete" and len(result["resumed_at_epochs"]) == 1
     assert 25 <= result["resumed_at_epochs"][0] < 1500  # moons checkpoints every 25 epochs
     assert len(store.read_metrics(folder)) == 1500

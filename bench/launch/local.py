@@ -1,5 +1,6 @@
 """Run a list of resolved configs on this machine: skip finished runs, lock each run folder while training it,
-train several runs at once in worker processes (one per GPU slot when GPUs are present), live rich view."""
+pack runs that can share a process (bench/pack.py), train several packs at once in worker processes (one per GPU
+slot when GPUs are present), live rich view."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -67,15 +68,68 @@ def execute(cfg: Dict[str, object], results: str, on_epoch=None) -> Tuple[str, O
         lock.release()
 
 
-def _worker(cfg, results, queue, threads, slots):
+def execute_pack(cfgs: List[Dict[str, object]], results: str, on_epoch=None,
+                 ) -> List[Tuple[str, Optional[Dict[str, object]]]]:
+    """Train the runs `cfgs` as one pack in this process (bench/pack.py), each under its own folder lock; one run
+    is `execute`. Returns (outcome, result) per run, as `execute`; `on_epoch(i, epoch, epochs, row)` reports
+    run i. A failure fails the whole pack: every member's folder gets the traceback (each member resumes from its
+    own checkpoint)."""
+    if len(cfgs) == 1:
+        report = None if on_epoch is None else (lambda e, n, row: on_epoch(0, e, n, row))
+        return [execute(cfgs[0], results, report)]
+    from bench.pack import train_pack
+
+    outcomes: List[Optional[Tuple[str, Optional[Dict[str, object]]]]] = [None] * len(cfgs)
+    members, locks = [], []
+    try:
+        for i, cfg in enumerate(cfgs):
+            folder = store.run_dir(results, cfg)
+            lock = store.RunLock(folder)
+            if not lock.acquire():
+                outcomes[i] = ("held", None)
+                continue
+            locks.append(lock)
+            if is_finished(folder):
+                outcomes[i] = ("finished", store.read_result(folder))
+                continue
+            (folder / store.RUN_LOG).unlink(missing_ok=True)
+            members.append(i)
+        if members:
+            report = None if on_epoch is None else (lambda k, e, n, row: on_epoch(members[k], e, n, row))
+            try:
+                trained = train_pack([cfgs[i] for i in members], [store.run_dir(results, cfgs[i]) for i in members],
+                                     on_epoch=report)
+            except USER_ERRORS:
+                raise
+            except Exception as e:  # noqa: BLE001  (as `execute`: one line up, the traceback to each member's log)
+                text = traceback.format_exc()
+                logs = []
+                for i in members:
+                    log = store.run_dir(results, cfgs[i]) / store.RUN_LOG
+                    store.atomic_write_text(log, f"{run_label(cfgs[i])} (in a pack of {len(members)})\n{text}")
+                    logs.append(log)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise store.RunFailedError(f"pack of {len(members)} runs ({run_label(cfgs[members[0]])}, ...) failed: "
+                                           f"{type(e).__name__}{': ' + first if first else ''} (traceback in "
+                                           f"{logs[0]})") from None
+            for i, result in zip(members, trained):
+                outcomes[i] = ("trained", result)
+    finally:
+        for lock in locks:
+            lock.release()
+    return outcomes
+
+
+def _worker(cfgs, results, queue, threads, slots):
     import torch
 
     torch.set_num_threads(threads)
     slot = slots.get() if slots is not None else None
     try:
         if slot is not None:
-            cfg = {**cfg, "device": f"cuda:{slot}"}
-        return execute(cfg, results, lambda e, n, row: queue.put((str(store.run_dir(results, cfg)), e)))
+            cfgs = [{**cfg, "device": f"cuda:{slot}"} for cfg in cfgs]
+        folders = [str(store.run_dir(results, cfg)) for cfg in cfgs]
+        return execute_pack(cfgs, results, lambda i, e, n, row: queue.put((folders[i], e)))
     finally:
         if slot is not None:
             slots.put(slot)
@@ -105,9 +159,12 @@ def partition(cfgs: List[Dict[str, object]], results: str, force: bool):
 
 
 def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force: bool = False,
-            quiet: bool = False, runs_per_gpu: int = 1) -> List[Dict[str, object]]:
+            quiet: bool = False, runs_per_gpu: int = 1, pack: Optional[int] = None) -> List[Dict[str, object]]:
     """Execute every run that is not finished; returns the results (finished ones included). Runs held by
-    another process are left to it and reported as skipped."""
+    another process are left to it and reported as skipped. Runs that can share a process train in packs of at
+    most `pack` members (None: `bench.pack.DEFAULT_PACK`; 1: every run in its own process); workers take packs."""
+    from bench.pack import DEFAULT_PACK, make_packs
+
     todo, done = partition(cfgs, results, force)
     finished_before = len(done)
     if not todo:
@@ -119,6 +176,8 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
     if slots:
         workers = min(workers, len(slots))
     threads = max(1, (os.cpu_count() or 1) // workers)
+    packs = make_packs(todo, DEFAULT_PACK if pack is None else pack, workers)
+    workers = min(workers, len(packs))
     skipped, trained, failed = [], 0, []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=quiet) as progress:
@@ -139,14 +198,17 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
         if workers == 1 and not slots:
             import torch
 
-            for cfg in todo:
-                torch.set_num_threads(int(cfg.get("threads") or threads))
-                task = tasks[str(store.run_dir(results, cfg))]
+            for group in packs:
+                torch.set_num_threads(int(group[0].get("threads") or threads))
+                group_tasks = [tasks[str(store.run_dir(results, cfg))] for cfg in group]
                 try:
-                    collect(cfg, execute(cfg, results, lambda e, n, row, t=task: progress.update(t, completed=e)))
+                    outcomes = execute_pack(group, results, lambda i, e, n, row, ts=group_tasks:
+                                            progress.update(ts[i], completed=e))
+                    for cfg, outcome in zip(group, outcomes):
+                        collect(cfg, outcome)
                 except store.RunFailedError as e:
                     failed.append(str(e))
-                    progress.advance(overall)
+                    progress.advance(overall, len(group))
         else:
             ctx = mp.get_context("spawn")
             with ctx.Manager() as manager:
@@ -157,8 +219,8 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
                     for s in slots:
                         slot_queue.put(s)
                 with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                    futures = {pool.submit(_worker, c, results, queue, int(c.get("threads") or threads),
-                                           slot_queue): c for c in todo}
+                    futures = {pool.submit(_worker, g, results, queue, int(g[0].get("threads") or threads),
+                                           slot_queue): g for g in packs}
                     pending = set(futures)
                     while pending:
                         while not queue.empty():
@@ -167,10 +229,11 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
                         for f in [f for f in pending if f.done()]:
                             pending.discard(f)
                             try:
-                                collect(futures[f], f.result())
+                                for cfg, outcome in zip(futures[f], f.result()):
+                                    collect(cfg, outcome)
                             except store.RunFailedError as e:
                                 failed.append(str(e))
-                                progress.advance(overall)
+                                progress.advance(overall, len(futures[f]))
                         if pending:
                             time.sleep(0.2)
     print(f"trained {trained} runs, left {len(skipped)} to another process, "

@@ -1,8 +1,9 @@
-"""Slurm through submitit: one job array of the runs that are not finished.
+"""Slurm through submitit: one job array of the runs that are not finished, packed (bench/pack.py).
 
-Each array task trains one run with `launch.local.execute` (folder lock, resume from checkpoint). The task is
+Each array task trains one pack of runs with `launch.local.execute_pack` (folder locks, each member resumed from
+its checkpoint; a pack of one is an ordinary run). The task is
 a submitit `Checkpointable`: when Slurm pre-empts it or its time limit is near, submitit calls `checkpoint()`,
-which requeues the same task; the requeued task resumes from the run's last per-epoch checkpoint, so at most
+which requeues the same task; the requeued task resumes from its runs' last per-epoch checkpoints, so at most
 one epoch of work is lost.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Dict, List, Optional
 
 import submitit
 
-from bench.launch.local import execute, partition, run_label
+from bench.launch.local import execute_pack, partition, run_label
 from bench.store import is_running, run_dir
 
 
@@ -33,17 +34,17 @@ def parse_time(text: str) -> int:
 
 
 class RunTask(submitit.helpers.Checkpointable):
-    """One array task: train (or resume) one run. Requeued as is on pre-emption or timeout."""
+    """One array task: train (or resume) one pack of runs. Requeued as is on pre-emption or timeout."""
 
     def __init__(self, results: str):
         self.results = results
 
-    def __call__(self, cfg: Dict[str, object]) -> Optional[Dict[str, object]]:
+    def __call__(self, cfgs: List[Dict[str, object]]) -> List[Optional[Dict[str, object]]]:
         import torch
 
-        if torch.cuda.is_available() and str(cfg.get("device", "auto")) == "auto":
-            cfg = {**cfg, "device": "cuda"}
-        return execute(cfg, self.results)[1]
+        if torch.cuda.is_available():
+            cfgs = [{**cfg, "device": "cuda"} if str(cfg.get("device", "auto")) == "auto" else cfg for cfg in cfgs]
+        return [result for _, result in execute_pack(cfgs, self.results)]
 
 
 def make_executor(folder: Path, partition_name: Optional[str], time_limit: str, max_parallel: int,
@@ -60,27 +61,33 @@ def make_executor(folder: Path, partition_name: Optional[str], time_limit: str, 
 
 def submit(cfgs: List[Dict[str, object]], results: str, suite_name: str, partition_name: Optional[str],
            time_limit: str, max_parallel: int, dry_run: bool = False, executor=None, force: bool = False,
-           gpus_per_task: int = 1, cpus_per_task: int = 8, mem_gb: int = 32) -> List:
-    """Submit one job array of the unfinished runs; with dry_run, print it instead. Returns the jobs."""
+           gpus_per_task: int = 1, cpus_per_task: int = 8, mem_gb: int = 32, pack: Optional[int] = None) -> List:
+    """Submit one job array of the unfinished runs, one task per pack (at most `pack` runs; None:
+    `bench.pack.DEFAULT_PACK`); with dry_run, print it instead. Returns the jobs."""
+    from bench.pack import DEFAULT_PACK, make_packs
+
     todo, done = partition(cfgs, results, force)
     running = [c for c in todo if is_running(run_dir(results, c))]  # held by a live process: leave them be
     todo = [c for c in todo if c not in running]
+    packs = make_packs(todo, DEFAULT_PACK if pack is None else pack)
     log_folder = Path(results) / "_slurm" / suite_name / "%j"
     params = {"partition": partition_name, "time": time_limit, "timeout_min": parse_time(time_limit),
-              "array": f"0-{len(todo) - 1}%{max_parallel}" if todo else "-", "gpus_per_task": gpus_per_task,
+              "array": f"0-{len(packs) - 1}%{max_parallel}" if packs else "-", "gpus_per_task": gpus_per_task,
               "cpus_per_task": cpus_per_task, "mem_gb": mem_gb, "logs": str(log_folder)}
     if dry_run or not todo:
         print(f"suite {suite_name}: {len(done)} finished, {len(running)} running, {len(todo)} to submit"
-              + (" (dry run: nothing submitted)" if dry_run else ""))
+              + (f" in {len(packs)} packs" if todo else "") + (" (dry run: nothing submitted)" if dry_run else ""))
         if todo:
             print("sbatch " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in params.items()
                                        if k not in ("timeout_min", "logs") and v is not None))
-            for i, cfg in enumerate(todo):
-                print(f"  [{i}] {run_label(cfg)}  →  {run_dir(results, cfg)}")
+            for i, group in enumerate(packs):
+                for cfg in group:
+                    print(f"  [{i}] {run_label(cfg)}  →  {run_dir(results, cfg)}")
         return []
     if executor is None:
         executor, _ = make_executor(log_folder, partition_name, time_limit, max_parallel, gpus_per_task,
                                     cpus_per_task, mem_gb)
-    jobs = executor.map_array(RunTask(str(results)), todo)
-    print(f"submitted {len(jobs)} runs of suite {suite_name} as job array {jobs[0].job_id.split('_')[0]}")
+    jobs = executor.map_array(RunTask(str(results)), packs)
+    print(f"submitted {len(todo)} runs of suite {suite_name} in {len(jobs)} packs as job array "
+          f"{jobs[0].job_id.split('_')[0]}")
     return jobs

@@ -34,7 +34,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -57,9 +57,9 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def _orthonormal_rows(V: torch.Tensor) -> torch.Tensor:
-    """Rows of V [b, n] orthonormalised (reduced QR of Vᵀ)."""
-    Q, _ = torch.linalg.qr(V.T)
-    return Q.T
+    """Rows of V [..., b, n] orthonormalised (reduced QR of Vᵀ, per matrix of a batch)."""
+    Q, _ = torch.linalg.qr(V.transpose(-1, -2))
+    return Q.transpose(-1, -2)
 
 
 class PowerIterated(metaclass=abc.ABCMeta):
@@ -159,15 +159,23 @@ class PowerIterated(metaclass=abc.ABCMeta):
         power one with `guaranteed=False`). Both are cached until the weights change."""
         self._require_iterate()
         if self._bound_key != self._weight_key() or torch.isnan(self.sigma_power):
-            self.sigma_bound.fill_(float("nan"))
             upper = self._compute_guaranteed_norm() if guaranteed else math.inf
-            power = self.block_power_iteration(upper, tol=tol, max_iter=max_iter)
-            self.norm_power = power
-            self.sigma_power.fill_(self.layer_constants(power, power)[1])
-            self._bound_key = self._weight_key()  # after layer_constants: a family may store what eval uses
+            self.adopt_power(self.block_power_iteration(upper, tol=tol, max_iter=max_iter))
             if guaranteed:
                 self._set_guaranteed(upper)
         return float(self._guaranteed()) if guaranteed else float(self.sigma_power)
+
+    @torch.no_grad()
+    def adopt_power(self, power: float, iterate: Optional[torch.Tensor] = None) -> None:
+        """Take `power` (and its top singular vector `iterate`) as the converged power iteration for the current
+        weights: the guaranteed bound is then computed when a certificate first asks for it. `converge()` calls
+        it; a pack (bench/pack.py) calls it with the result of `stacked_power_iteration`."""
+        if iterate is not None:
+            self.power_iterate.copy_(iterate.to(self.power_iterate.dtype))
+        self.sigma_bound.fill_(float("nan"))
+        self.norm_power = power
+        self.sigma_power.fill_(self.layer_constants(power, power)[1])
+        self._bound_key = self._weight_key()  # after layer_constants: a family may store what eval uses
 
     def _compute_guaranteed_norm(self) -> float:
         upper = float(self.operator_norm_bound())
@@ -193,44 +201,89 @@ class PowerIterated(metaclass=abc.ABCMeta):
     def block_power_iteration(self, upper: float = math.inf, tol: float = 1e-9, max_iter: int = 20_000) -> float:
         """σ from below: subspace iteration on A = WᵀW in float64 with Rayleigh–Ritz, warm-started from the
         persistent iterate (which is updated to the top Ritz vector)."""
-        w = self.weight.detach().double()
-        v0 = self._warm_start(self.power_iterate.detach().double(), w)
-        shape = tuple(v0.shape)
-        flat = v0.reshape(1, -1)
-        b = min(self.POWER_BLOCK, flat.shape[1])
-        gen = torch.Generator().manual_seed(0)  # deterministic extra directions
-        extra = torch.randn(b - 1, flat.shape[1], generator=gen, dtype=torch.float64).to(flat.device)
-        Q = _orthonormal_rows(torch.cat([flat, extra]))
-        block_shape = (b, *shape[1:]) if len(shape) > 1 else (b, *shape)
+        sigma, x = self.stacked_power_iteration(self.weight.detach().double()[None],
+                                                self.power_iterate.detach().double()[None], upper, tol, max_iter)
+        self.power_iterate.copy_(x[0].to(self.power_iterate.dtype))
+        return sigma[0]
 
-        sigma, prev = 0.0, None
+    @torch.no_grad()
+    def stacked_power_iteration(self, W: torch.Tensor, V: torch.Tensor, upper: float = math.inf, tol: float = 1e-9,
+                                max_iter: int = 20_000):
+        """The block power iteration for a stack of M weights of this layer's shape (W [M, ...], float64) from
+        the iterates V [M, *iterate shape]: (σ per member, a list; the unit top Ritz vectors [M, *iterate shape]).
+        Each member stops by the rule of `block_power_iteration` at its own step, as it would alone; a pack
+        (bench/pack.py) converges all its members' layers in one call. M = 1 is the single layer."""
+        M = W.shape[0]
+        if M == 1:
+            def op(Q):
+                return self.operator(Q[0], W[0])[None]
+
+            def adj(U):
+                return self.adjoint(U[0], W[0])[None]
+            V = self._warm_start(V[0], W[0])[None]
+        elif getattr(self, "stackable", False):   # the layer's own ops broadcast over the stack
+            def op(Q):
+                return self.operator(Q, W)
+
+            def adj(U):
+                return self.adjoint(U, W)
+            V = self._warm_start(V, W)
+        else:
+            op_v, adj_v = torch.func.vmap(self.operator), torch.func.vmap(self.adjoint)
+
+            def op(Q):
+                return op_v(Q, W)
+
+            def adj(U):
+                return adj_v(U, W)
+            V = torch.func.vmap(self._warm_start)(V, W)
+        shape = tuple(V.shape[1:])
+        n = V[0].numel()
+        b = min(self.POWER_BLOCK, n)
+        gen = torch.Generator().manual_seed(0)  # deterministic extra directions
+        extra = torch.randn(b - 1, n, generator=gen, dtype=torch.float64).to(V.device)
+        Q = _orthonormal_rows(torch.cat([V.reshape(M, 1, n), extra.expand(M, b - 1, n)], dim=1))
+        block_shape = (M, b, *shape[1:]) if len(shape) > 1 else (M, b, *shape)
+
+        sigma, prev = [0.0] * M, [None] * M
+        active = list(range(M))
+        x_out = torch.zeros(M, n, dtype=torch.float64, device=V.device)
         watched = min(2, b)
         for it in range(max_iter):
-            out = self.operator(Q.reshape(block_shape), w)
-            AQ = out.reshape(b, -1)
-            Y = self.adjoint(out, w).reshape(b, -1)          # AᵀA Q
-            H = AQ @ AQ.T                                   # Q A Qᵀ, b × b
+            out = op(Q.reshape(block_shape))
+            AQ = out.reshape(M, b, -1)
+            Y = adj(out).reshape(M, b, -1)                  # AᵀA Q
+            H = AQ @ AQ.transpose(-1, -2)                    # Q A Qᵀ, b × b
             theta, S = torch.linalg.eigh(H)
-            theta, S = theta.flip(0), S.flip(1)
-            x = S[:, 0] @ Q
-            r = float(torch.linalg.vector_norm(S[:, 0] @ Y - theta[0] * x))
-            t0 = max(float(theta[0]), 0.0)
-            sigma = math.sqrt(t0)
-            if t0 == 0.0 or sigma >= upper / (1.0 + self.GAP_TOL):
+            theta, S = theta.flip(-1), S.flip(-1)
+            s0 = S[:, :, 0]
+            x = (s0[:, None, :] @ Q)[:, 0]
+            r = torch.linalg.vector_norm((s0[:, None, :] @ Y)[:, 0] - theta[:, :1] * x, dim=-1)
+            theta_h, r_h = theta[:, :watched].tolist(), r.tolist()   # one host read per step for all members
+            stopped = []
+            for m in active:
+                t0 = max(theta_h[m][0], 0.0)
+                sigma[m] = math.sqrt(t0)
+                stop = t0 == 0.0 or sigma[m] >= upper / (1.0 + self.GAP_TOL)
+                # converged: the top *two* Ritz values stable (a near-degenerate top pair resolved, not only the
+                # pair the iterate happened to start in), the top residual small, and a minimum of steps taken
+                top = [max(v, 0.0) for v in theta_h[m]]
+                if not stop and it >= self.POWER_MIN_ITER and prev[m] is not None and r_h[m] <= math.sqrt(tol) * t0:
+                    # the top value to tol; the runner-up only to √tol: enough to show the block has settled (a
+                    # start in a lower singular direction moves it by far more), without waiting out σ₃/σ₂
+                    stop = (abs(top[0] - prev[m][0]) <= tol * t0
+                            and abs(top[-1] - prev[m][-1]) <= math.sqrt(tol) * t0)
+                if stop:
+                    x_out[m] = x[m]
+                    stopped.append(m)
+                prev[m] = top
+            active = [m for m in active if m not in stopped]
+            if not active:
                 break
-            # converged: the top *two* Ritz values stable (a near-degenerate top pair resolved, not only the
-            # pair the iterate happened to start in), the top residual small, and a minimum of steps taken
-            top = theta[:watched].clamp_min(0.0)
-            if it >= self.POWER_MIN_ITER and prev is not None and r <= math.sqrt(tol) * t0:
-                change = (top - prev).abs()
-                # the top value to tol; the runner-up only to √tol: enough to show the block has settled (a start
-                # in a lower singular direction moves it by far more), without waiting out a slow σ₃/σ₂ ratio
-                if float(change[0]) <= tol * t0 and float(change[-1]) <= math.sqrt(tol) * t0:
-                    break
-            prev = top
             Q = _orthonormal_rows(Y)
-        self.power_iterate.copy_(_unit(x).reshape(shape).to(self.power_iterate.dtype))
-        return sigma
+        for m in active:   # max_iter reached
+            x_out[m] = x[m]
+        return sigma, torch.stack([_unit(v) for v in x_out]).reshape(M, *shape)
 
     def _warm_start(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Where cheap, replace the iterate by A^m v (m large) before the iteration; default: as is."""
@@ -267,8 +320,11 @@ class LipLinear(PowerIterated, nn.Linear):
         """‖W‖ from above by Gram iteration with its rounding allowance (bench/nn/spectral.py)."""
         return dense_norm_bound(self.weight)
 
-    def operator(self, v, weight):  # v: [in] or a block [b, in]
-        return v @ weight.T
+    #: operator, adjoint and warm start broadcast over a leading stack axis of the weight ([M, out, in])
+    stackable = True
+
+    def operator(self, v, weight):  # v: [in] or a block [b, in]; with a stack of weights, [M, b, in]
+        return v @ weight.transpose(-1, -2)
 
     def adjoint(self, u, weight):
         return u @ weight
@@ -284,18 +340,20 @@ class LipLinear(PowerIterated, nn.Linear):
     def _warm_start(self, v, weight):
         """Power iteration with A^(2^k) formed by repeated squaring of the smaller Gram matrix (normalised
         at each squaring): the same fixed point, reached in k matrix products instead of 2^k steps."""
-        out_f, in_f = weight.shape
+        out_f, in_f = weight.shape[-2:]
         if min(out_f, in_f) > self.GRAM_MAX_DIM:
             return v
         small_right = in_f <= out_f
-        G = weight.t() @ weight if small_right else weight @ weight.t()
+        Wt = weight.transpose(-1, -2)
+        G = Wt @ weight if small_right else weight @ Wt
         for _ in range(self.GRAM_SQUARINGS):
-            G = G / torch.linalg.matrix_norm(G).clamp_min(1e-300)
+            G = G / torch.linalg.matrix_norm(G).clamp_min(1e-300)[..., None, None]
             G = G @ G
+        v = v[..., None]
         if small_right:
-            return G @ v
+            return (G @ v)[..., 0]
         # left singular side: u ← G u with u = W v, then back to the input side
-        return weight.t() @ (G @ (weight @ v))
+        return (Wt @ (G @ (weight @ v)))[..., 0]
 
 
 class LipConv2d(PowerIterated, nn.Conv2d):

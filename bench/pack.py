@@ -1,0 +1,415 @@
+"""Packed training: several runs in one process, as one stacked network (torch.func).
+
+A small Lipschitz net uses a few percent of a GPU, and on a CPU a two-moons run is mostly interpreter overhead;
+a pack pays that overhead once for all its members. Runs pack together when they agree on everything but their
+seed and their method's hyperparameters (`pack_key`): same method, dataset, architecture, batch size, epochs,
+optimizer and schedule.
+
+Per step, the members' parameters and buffers are stacked along a leading member axis. The network's forward and
+its training bound (the warm-started power iteration, gradient through the Rayleigh estimate) run once for all
+members under `torch.func.vmap` through `functional_call`; each power iterate is updated in place in its own
+row of the stacked buffer. Each member's loss comes from its own method instance (its ε, p, λ and schedules),
+vmapped over the members that share them. One optimizer steps the stacked parameters: Adam, AdamW and SGD
+update every element on its own, so a member gets the update it would get alone, up to floating-point
+reassociation in the batched products.
+
+Each member is otherwise an ordinary run (`bench.train.Run`): its own seed (initialisation, the iterates' start,
+data order, augmentation), its own data, run folder, config hash, metrics.csv, checkpoint and result.json. At
+each epoch end its rows of the stack are copied into its own network, which converges, evaluates, checkpoints
+and is watched exactly as an unpacked run; the converged iterates go back into the stack. Checkpoints are in
+the unpacked format (the member's optimizer state is its rows of the stacked state), so a killed pack resumes
+every member, and a member can resume unpacked or in another pack. A member whose loss turns non-finite, or
+whose training accuracy sits at chance, is recorded as diverged and masked out of the summed loss (a member's
+gradient never mixes with another's); the others go on.
+
+Packing is for the networks whose layers vmap cleanly: the plain Table B2 nets (power-iterated linear and conv
+layers, MaxMin, ReLU) with a global bound. Other families, input-aware networks, budgeted runs (each plans its
+own epochs) and compiled runs train unpacked, one after another, in the same call.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, vmap
+
+from bench import certify, store
+from bench.config import EXECUTION_KEYS
+from bench.nn.bound import PairwiseBound
+from bench.nn.lipschitz import LipConv2d, LipLinear
+from bench.optim import make_lr_scheduler, make_optimizer
+from bench.registry import METHODS
+from bench.train import (DivergedError, Run, git_commit, global_rng_state, lower_bound_budget, lower_bound_generator,
+                         pick_device, set_global_rng_state, train_run)
+
+#: the largest stacked lower-bound ascent (input elements of all members' pairs); larger packs bound per member
+LOWER_BOUND_STACK_ELEMENTS = 2 ** 22
+
+#: members per pack when `--pack` is not given: enough to amortise the step's overhead on a CPU or GPU, few
+#: enough that a pack of CIFAR nets fits in memory
+DEFAULT_PACK = 16
+
+
+def member_keys(cfg: Mapping[str, object]) -> set:
+    """Config keys in which the members of one pack may differ: the seeds and the method's hyperparameters."""
+    return {"seed", "data_seed"} | set(METHODS.get(str(cfg["method"])).hparams)
+
+
+def packable(cfg: Mapping[str, object]) -> bool:
+    """Whether a config can join a pack at all (a budgeted run plans its own epochs; compile traces one net)."""
+    return cfg.get("budget") is None and not cfg.get("compile")
+
+
+def pack_key(cfg: Mapping[str, object]) -> str:
+    """Runs with equal keys train in one pack: the config without its member keys and execution keys."""
+    if not packable(cfg):
+        return json.dumps({"alone": store.config_hash(cfg), "seed": cfg.get("seed")})
+    skip = member_keys(cfg) | EXECUTION_KEYS - {"device"}
+    return json.dumps({k: v for k, v in cfg.items() if k not in skip}, sort_keys=True, default=str)
+
+
+def make_packs(cfgs: Sequence[Dict[str, object]], limit: int, workers: int = 1) -> List[List[Dict[str, object]]]:
+    """Group configs by `pack_key` and cut each group into packs of at most `limit` members, of near-equal
+    size; groups are cut further while there are fewer packs than `workers` (idle workers cost more than
+    smaller packs)."""
+    groups: Dict[str, List[Dict[str, object]]] = {}
+    for cfg in cfgs:
+        groups.setdefault(pack_key(cfg), []).append(cfg)
+    limit = max(1, int(limit))
+    counts = {k: -(-len(g) // limit) for k, g in groups.items()}
+    while sum(counts.values()) < workers:
+        k = max(groups, key=lambda k: len(groups[k]) / counts[k])
+        if len(groups[k]) <= counts[k]:
+            break
+        counts[k] += 1
+    packs = []
+    for k, group in groups.items():
+        n = counts[k]
+        sizes = [len(group) // n + (i < len(group) % n) for i in range(n)]
+        start = 0
+        for size in sizes:
+            packs.append(group[start:start + size])
+            start += size
+    return packs
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """The plain global-bound nets: every bounded layer a power-iterated linear or conv, nothing projected."""
+    layers = getattr(model, "_bounded", lambda: None)()
+    return (layers is not None and not getattr(model, "input_aware", False) and not getattr(model, "_projected", [])
+            and all(isinstance(m, (LipLinear, LipConv2d)) for m in layers))
+
+
+class _Step(nn.Module):
+    """The network's training forward and training bound, as one call for functional_call under vmap."""
+
+    def __init__(self, net: nn.Module, power_iter: int):
+        super().__init__()
+        self.net, self.power_iter = net, power_iter
+
+    def forward(self, x: torch.Tensor):
+        logits = self.net(x)
+        bound = self.net.bound(n_iter=self.power_iter)
+        return (logits, bound.K_up) + (() if bound.W is None else (bound.W,))
+
+
+class Pack:
+    """The stacked state of a pack's members: parameters (leaves the optimizer steps), buffers, the optimizer
+    and lr schedule, and the copies between the stack and each member's own network."""
+
+    def __init__(self, runs: List[Run], power_iter: int):
+        self.runs = runs
+        base = runs[0].model
+        self.names = [n for n, _ in base.named_parameters()]
+        self.buffer_names = [n for n, _ in base.named_buffers()]
+        self.step_module = _Step(copy.deepcopy(base), power_iter)
+        holder = self.step_module.net      # carries the stacked parameters, so make_optimizer sees the groups
+        for name in self.names:
+            stacked = torch.stack([dict(r.model.named_parameters())[name].detach() for r in runs])
+            _set_by_path(holder, name, nn.Parameter(stacked.clone()))
+        self.params = {f"net.{n}": p for n, p in holder.named_parameters()}
+        self.buffers = {f"net.{n}": torch.stack([dict(r.model.named_buffers())[n].detach() for r in runs]).clone()
+                        for n in self.buffer_names}
+        bounded = set(holder._bounded())
+        self.layers = [(name, mod) for name, mod in holder.named_modules() if mod in bounded]
+        cfg = runs[0].cfg
+        self.opt = make_optimizer(cfg, holder)
+        self.sched = make_lr_scheduler(cfg, self.opt, runs[0].steps_per_epoch)
+        self._batched = vmap(self._call)
+
+    def _call(self, params, buffers, x):
+        return functional_call(self.step_module, (params, buffers), (x,))
+
+    def forward(self, x: torch.Tensor):
+        """(logits [M, B, N], K_up [M], W [M, N, h] or None) of every member on its own batch."""
+        out = self._batched(self.params, self.buffers, x)
+        return out[0], out[1], (out[2] if len(out) > 2 else None)
+
+    @torch.no_grad()
+    def to_member(self, m: int) -> None:
+        """Member m's rows of the stack → its own network (parameters and buffers)."""
+        model = self.runs[m].model
+        own = dict(model.named_parameters())
+        for name in self.names:
+            own[name].copy_(self.params[f"net.{name}"][m])
+        own_buffers = dict(model.named_buffers())
+        for name in self.buffer_names:
+            own_buffers[name].copy_(self.buffers[f"net.{name}"][m])
+
+    @torch.no_grad()
+    def from_member(self, m: int) -> None:
+        """Member m's buffers (its converged power iterates) → its rows of the stack."""
+        own_buffers = dict(self.runs[m].model.named_buffers())
+        for name in self.buffer_names:
+            self.buffers[f"net.{name}"][m].copy_(own_buffers[name])
+
+    @torch.no_grad()
+    def converge(self, members: Sequence[int], tol: float) -> None:
+        """The epoch-end power iteration of every bounded layer, for `members` at once (each stopping by its own
+        rule, `stacked_power_iteration`); each member's network adopts its result, so its own `converge()` finds
+        the bound fresh. The members' networks must hold their current rows (`to_member`)."""
+        rows = torch.tensor(list(members), device=next(iter(self.params.values())).device)
+        for name, layer in self.layers:
+            W = self.params[f"net.{name}.weight"].detach()[rows].double()
+            V = self.buffers[f"net.{name}.power_iterate"][rows].double()
+            sigma, X = layer.stacked_power_iteration(W, V, tol=tol)
+            for k, m in enumerate(members):
+                own = self.runs[m].model.get_submodule(name)
+                own.adopt_power(sigma[k], X[k])
+
+    def lower_bounds(self, members: Sequence[int]) -> Dict[int, float]:
+        """The empirical lower bound of each member's network (`certify.lower_bound`: its own pairs, drawn by its
+        own generator) in one stacked ascent; empty when the members' pairs are too large to stack (each member
+        then computes its own)."""
+        run0 = self.runs[0]
+        pairs, steps = lower_bound_budget(run0.cfg)
+        pairs = min(pairs, len(run0.data.y_train) // 2)
+        if pairs <= 0 or steps < 0:
+            return {m: 0.0 for m in members}
+        if 2 * pairs * run0.data.x_train[0].numel() * len(members) > LOWER_BOUND_STACK_ELEMENTS:
+            return {}
+        starts = []
+        for m in members:
+            run = self.runs[m]
+            starts.append(next(certify.lower_bound_pairs(run.data.x_train, pairs, lower_bound_generator(run.cfg),
+                                                         pairs, run.data.inputs, run.device)))
+        rows = torch.tensor(list(members), device=run0.device)
+        params = {k[len("net."):]: v.detach()[rows] for k, v in self.params.items()}
+        buffers = {k[len("net."):]: v[rows] for k, v in self.buffers.items()}
+        net = self.step_module.net
+        forward = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)))
+        net.eval()
+        try:
+            best = certify.pair_ascent(lambda x: forward(params, buffers, x), torch.stack([a for a, _ in starts]),
+                                       torch.stack([b for _, b in starts]), steps, float(run0.cfg["lower_bound_lr"]),
+                                       run0.data.domain)
+        finally:
+            net.train()
+        return dict(zip(members, best.tolist()))
+
+    def member_optimizer_state(self, m: int) -> Dict[str, object]:
+        """Member m's optimizer state in the unpacked format: its rows of every per-parameter state tensor."""
+        state = self.opt.state_dict()
+        shapes = [p.shape for p in self.params.values()]
+        return {"state": {i: {k: (v[m].clone() if k != "step" and torch.is_tensor(v) and v.shape == shapes[i] else v)
+                              for k, v in s.items()} for i, s in state["state"].items()},
+                "param_groups": copy.deepcopy(state["param_groups"])}
+
+    def load_member_states(self, states: Sequence[Mapping[str, object]], sched_state) -> None:
+        """Stack the members' optimizer states (from their checkpoints) into the pack's optimizer."""
+        shapes = [p.shape for p in self.params.values()]
+        first = states[0]
+        stacked = {}
+        for i, s in first["state"].items():
+            entry = {}
+            for k, v in s.items():
+                if k != "step" and torch.is_tensor(v) and v.shape == shapes[int(i)][1:]:
+                    entry[k] = torch.stack([st["state"][i][k] for st in states])
+                else:
+                    if any(not torch.equal(torch.as_tensor(st["state"][i][k]), torch.as_tensor(v)) for st in states):
+                        raise ValueError(f"members disagree on optimizer state {k!r}; they cannot share a pack")
+                    entry[k] = v
+            stacked[i] = entry
+        self.opt.load_state_dict({"state": stacked, "param_groups": first["param_groups"]})
+        self.sched.load_state_dict(sched_state)
+
+
+def _set_by_path(module: nn.Module, name: str, value: nn.Parameter) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    setattr(module, leaf, value)
+
+
+class _LossGroup:
+    """Members [lo, hi) that share one method configuration: their losses in one vmapped call."""
+
+    def __init__(self, lo: int, hi: int, method, num_classes: int):
+        self.lo, self.hi, self.method, self.num_classes = lo, hi, method, num_classes
+        self.floats: Dict[str, float] = {}
+
+    def __call__(self, logits, y, K_up, W, progress: float):
+        def member(logits, y, K_up, W=None):
+            loss, logs = self.method.loss(logits, y, PairwiseBound(K_up, W), progress)
+            self.floats.update({k: v for k, v in logs.items() if not torch.is_tensor(v)})
+            return loss, {k: v for k, v in logs.items() if torch.is_tensor(v)}
+
+        args = (logits[self.lo:self.hi], y[self.lo:self.hi], K_up[self.lo:self.hi])
+        if W is not None:
+            args += (W[self.lo:self.hi],)
+        return vmap(member)(*args)
+
+
+def _method_key(cfg: Mapping[str, object]) -> str:
+    return json.dumps({k: cfg.get(k) for k in sorted(member_keys(cfg) - {"seed", "data_seed"})}, default=str)
+
+
+def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
+               on_epoch: Optional[Callable[[int, int, int, dict], None]] = None) -> List[Dict[str, object]]:
+    """Train the runs `cfgs` into `folders` as one pack (each resumed from its own checkpoint); returns each
+    member's result.json (a diverged member's `diverged` record), in the order given. `on_epoch(i, epoch,
+    epochs, row)` reports member i's epochs."""
+    git_commit()
+    cfg0 = cfgs[0]
+    if len({pack_key(c) for c in cfgs}) > 1:
+        raise ValueError("runs of one pack must agree on everything but their seeds and method hyperparameters")
+    if cfg0.get("threads"):
+        torch.set_num_threads(int(cfg0["threads"]))
+    device = pick_device(str(cfg0["device"]))
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # members sorted by method configuration: each loss group is a contiguous slice of the stack
+    order = sorted(range(len(cfgs)), key=lambda i: (_method_key(cfgs[i]), i))
+    results: List[Optional[Dict[str, object]]] = [None] * len(cfgs)
+
+    def report(i):
+        return None if on_epoch is None else (lambda e, n, row: on_epoch(i, e, n, row))
+
+    def alone() -> List[Optional[Dict[str, object]]]:
+        for i in order:
+            try:
+                results[i] = train_run(cfgs[i], folders[i], on_epoch=report(i))
+            except DivergedError as e:
+                results[i] = store.write_diverged(folders[i], cfgs[i], str(e), e.train_seconds)
+        return results
+
+    if len(cfgs) == 1 or not packable(cfg0):
+        return alone()
+    runs, rng, index = [], [], []
+    for i in order:
+        runs.append(Run(cfgs[i], folders[i], device))
+        rng.append(global_rng_state())      # each member's process-wide generators, as its own process has them
+        index.append(i)
+    epochs = {r.checkpoint["epoch"] if r.checkpoint else 0 for r in runs}
+    if len(epochs) > 1 or not supports_packing(runs[0].model):
+        del runs   # members checkpointed at different epochs, or a family that does not vmap: each unpacked
+        return alone()
+    _train_stacked(runs, rng, index, device, results, report)
+    return results
+
+
+def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[int], device: torch.device,
+                   results: List[Optional[Dict[str, object]]], report) -> None:
+    cfg0, M = runs[0].cfg, len(runs)
+    for m, r in enumerate(runs):
+        set_global_rng_state(rng[m])
+        r.resume(None, None)
+        rng[m] = global_rng_state()
+        r.model.train()
+    pack = Pack(runs, int(cfg0["power_iter"]))
+    pack.step_module.train()
+    if runs[0].checkpoint is not None:
+        pack.load_member_states([r.checkpoint["optimizer"] for r in runs], runs[0].checkpoint["scheduler"])
+    for r in runs:
+        r.checkpoint = None   # loaded: its tensors need not stay in memory
+    groups, lo = [], 0
+    keys = [_method_key(r.cfg) for r in runs]
+    for m in range(1, M + 1):
+        if m == M or keys[m] != keys[lo]:
+            groups.append(_LossGroup(lo, m, runs[lo].method, runs[lo].data.num_classes))
+            lo = m
+    alive = torch.ones(M, dtype=torch.bool, device=device)
+    live = list(range(M))
+    sync_every = max(1, int(cfg0["sync_every"]))
+    info = {"members": M, "configs": [store.config_hash(r.hashed_cfg) for r in runs]}
+    spe, total = runs[0].steps_per_epoch, runs[0].total_steps
+    step = runs[0].step
+
+    def diverge(m: int, reason: str, seconds: float) -> None:
+        alive[m] = False
+        live.remove(m)
+        results[index[m]] = store.write_diverged(runs[m].folder, runs[m].hashed_cfg, reason, seconds)
+
+    for epoch in range(runs[0].start_epoch, runs[0].epochs):
+        if not live:
+            break
+        t0, before = time.perf_counter(), runs[0].train_seconds
+        perms = [r.epoch_order() for r in runs]
+        loss_sum = torch.zeros(M, dtype=torch.float64, device=device)
+        correct = torch.zeros(M, dtype=torch.int64, device=device)
+        sums: Dict[str, torch.Tensor] = {}
+        for it in range(spe):
+            batches = [r.batch(it, p) for r, p in zip(runs, perms)]
+            x = torch.stack([b[0] for b in batches])
+            y = torch.stack([b[1] for b in batches])
+            logits, K_up, W = pack.forward(x)
+            progress = step / total
+            losses, logs = [], {}
+            for g in groups:
+                loss_g, logs_g = g(logits, y, K_up, W, progress)
+                losses.append(loss_g)
+                for k, v in logs_g.items():
+                    logs.setdefault(k, []).append(v)
+            loss = torch.cat(losses)
+            total_loss = torch.where(alive, loss, torch.zeros_like(loss)).sum()
+            loss_sum += loss.detach().double()
+            correct += (logits.detach().argmax(-1) == y).sum(-1)
+            for k, parts in logs.items():
+                v = torch.cat([p.reshape(len(p), -1)[:, 0] for p in parts]).detach().double()
+                sums[k] = sums[k] + v if k in sums else v
+            pack.opt.zero_grad(set_to_none=True)
+            total_loss.backward()
+            pack.opt.step()
+            pack.sched.step()
+            if (step + 1) % sync_every == 0:
+                bad = (~torch.isfinite(loss_sum) & alive).nonzero().flatten().tolist()
+                for m in bad:
+                    diverge(m, f"non-finite loss at epoch {epoch + 1}, step {step + 1}",
+                            before + time.perf_counter() - t0)
+            step += 1
+        floats = {}
+        for g in groups:
+            floats.update(g.floats)
+        lr = pack.opt.param_groups[0]["lr"]
+        host_loss, host_correct = loss_sum.tolist(), correct.tolist()
+        host_sums = {k: v.tolist() for k, v in sums.items()}
+        for m in live:
+            pack.to_member(m)
+        pack.converge(live, float(cfg0["converge_tol"]))
+        for m in list(live):
+            run = runs[m]
+            run.step = step
+            set_global_rng_state(rng[m])
+            logs_m = {**floats, **{k: v[m] / max(1, spe) for k, v in host_sums.items()}}
+            try:
+                run.end_epoch(epoch, host_loss[m], int(host_correct[m]), logs_m, lr,
+                              lambda: before + time.perf_counter() - t0,
+                              lambda m=m: {"optimizer": pack.member_optimizer_state(m),
+                                           "scheduler": pack.sched.state_dict()}, report(index[m]))
+            except DivergedError as e:
+                diverge(m, str(e), e.train_seconds)
+                continue
+            finally:
+                rng[m] = global_rng_state()
+            pack.from_member(m)
+        for r in runs:
+            r.train_seconds = before + time.perf_counter() - t0
+    lower = pack.lower_bounds(live)
+    for m in live:
+        set_global_rng_state(rng[m])
+        results[index[m]] = runs[m].finish(extra={"pack": {**info, "position": m}}, lower=lower.get(m))

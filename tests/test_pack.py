@@ -1,0 +1,135 @@
+"""Issue 15, part 1: packed runs. A member of a pack trains as the same run alone (up to floating-point
+reassociation), stops alone when it diverges, and a pack killed with SIGKILL resumes every member from its own
+checkpoint. Real runs on two-moons, real subprocesses and signals."""
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import store
+from bench.config import resolve
+from bench.launch.local import execute_pack
+from bench.loaded_run import load_run
+from bench.method import Method
+from bench.pack import make_packs, pack_key, train_pack
+from bench.registry import register_method
+from bench.train import train_run
+from tests.test_resilience import METRIC_KEYS, RUN_ARGS, bench_proc
+
+
+def _moons(method="cll", seed=1, **over):
+    cfg = resolve({"method": method, "arch": "moons-mlp", "dataset": "moons", "epochs": 20,
+                   "lower_bound_pairs": 200, "lower_bound_steps": 30, "eval_tail": None, "threads": 1, **over})
+    return {**cfg, "seed": seed}
+
+
+def _params(folder):
+    state = store.load_checkpoint(folder / store.CHECKPOINT)["model"]
+    return {k: v for k, v in state.items() if k.endswith(("weight", "bias"))}
+
+
+def _assert_same_run(packed_folder, alone_folder, packed, alone):
+    a, b = _params(packed_folder), _params(alone_folder)
+    for k in a:
+        rel = float((a[k] - b[k]).abs().max() / b[k].abs().max())
+        assert rel <= 1e-5, (k, rel)
+    assert packed["config_hash"] == alone["config_hash"]
+    ra, rb = load_run(packed_folder), load_run(alone_folder)
+    x, _ = ra.data("test")
+    for name, eps in ((k, float(k)) for k in packed["eval"]["test"]["cra"]):
+        assert torch.equal(ra.certified(x, eps), rb.certified(x, eps)), name
+    assert packed["eval"] == alone["eval"]
+    assert packed["K_f"] == pytest.approx(alone["K_f"], rel=1e-5)
+    assert packed["lower_bound"] == pytest.approx(alone["lower_bound"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cll", "gloro"])
+def test_packed_members_train_as_they_would_alone(tmp_path, method):
+    # two ε and two seeds in one pack (two loss groups), against each run trained alone, after 20 moons epochs.
+    # The batched products round differently from the single ones: parameters differ by ~1e-7 after one epoch.
+    # Training amplifies that slowly (5e-7 after 20 epochs here); GloRo at ε = 0.2, whose ⊥ logit switches its
+    # argmax, amplified it to 1e-4 by epoch 20 (measured), as any 1-ulp perturbation of its inputs would.
+    cfgs = [_moons(method, seed, eps=eps) for eps in (0.1, 0.15) for seed in (1, 2)]
+    assert len({pack_key(c) for c in cfgs}) == 1
+    packed = train_pack(cfgs, [store.run_dir(tmp_path / "pack", c) for c in cfgs])
+    for cfg, result in zip(cfgs, packed):
+        alone = train_run(cfg, store.run_dir(tmp_path / "alone", cfg))
+        assert result["pack"]["members"] == 4
+        _assert_same_run(store.run_dir(tmp_path / "pack", cfg), store.run_dir(tmp_path / "alone", cfg), result, alone)
+
+
+@register_method("test-nan-member")
+class _NaNMember(Method):
+    """Cross-entropy, made non-finite from step `nan_at` on (None: never): one member of a pack diverges."""
+    hparams = {"eps": 0.15, "nan_at": None}
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        self.nan_at = cfg["nan_at"]
+        self.calls = 0
+
+    def loss(self, logits, y, bound, progress):
+        self.calls += 1
+        ce = F.cross_entropy(logits, y)
+        return (ce * float("nan") if self.nan_at is not None and self.calls >= self.nan_at else ce), {}
+
+
+def test_a_diverging_member_stops_alone(tmp_path):
+    cfgs = [_moons("test-nan-member", 1, nan_at=7, epochs=6, sync_every=1),
+            _moons("test-nan-member", 2, epochs=6, sync_every=1), _moons("test-nan-member", 3, epochs=6, sync_every=1)]
+    outcomes = execute_pack(cfgs, str(tmp_path / "pack"))
+    assert [o[0] for o in outcomes] == ["trained"] * 3
+    diverged, *healthy = [o[1] for o in outcomes]
+    assert diverged["status"] == "diverged" and "non-finite loss at epoch 1, step 7" in diverged["reason"]
+    assert [r["status"] for r in healthy] == ["complete", "complete"]
+    # the healthy members are the runs they would be alone: the NaN never reached them
+    for cfg, result in zip(cfgs[1:], healthy):
+        alone = train_run(cfg, store.run_dir(tmp_path / "alone", cfg))
+        _assert_same_run(store.run_dir(tmp_path / "pack", cfg), store.run_dir(tmp_path / "alone", cfg), result, alone)
+
+
+def test_packs_group_by_everything_but_seeds_and_hyperparameters():
+    cfgs = [_moons("cll", s, eps=e) for e in (0.1, 0.2) for s in (1, 2, 3)] + [_moons("gloro", 1)]
+    cfgs.append(_moons("cll", 1, lr=1e-2))          # another optimizer setting: its own pack
+    cfgs.append(_moons("cll", 2, budget="10s"))     # a budgeted run plans its own epochs: alone
+    packs = make_packs(cfgs, limit=16, workers=1)
+    assert sorted(len(p) for p in packs) == [1, 1, 1, 6]
+    assert sorted(len(p) for p in make_packs(cfgs[:6], limit=4, workers=1)) == [3, 3]
+    assert sorted(len(p) for p in make_packs(cfgs[:6], limit=16, workers=3)) == [2, 2, 2]
+    assert [len(p) for p in make_packs(cfgs[:6], limit=1, workers=1)] == [1] * 6
+
+
+def test_sigkill_of_a_pack_resumes_every_member(tmp_path):
+    args = RUN_ARGS + ["--seeds", "3"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    proc = bench_proc(args + ["--results", str(ref)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    rng = random.Random()
+    kill_after = rng.randint(2, 55)
+    proc = bench_proc(args + ["--results", str(killed)])
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics = list(killed.rglob("metrics.csv"))
+        if len(metrics) == 3 and min(len(store.read_metrics(m.parent)) for m in metrics) >= kill_after:
+            break
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.05))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    folders = sorted(p.parent for p in killed.rglob("config.yaml"))
+    assert len(folders) == 3 and not any((f / store.RESULT).exists() for f in folders), "killed before the end"
+    proc = bench_proc(args + ["--results", str(killed)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    for folder in folders:
+        a = json.loads((ref / folder.relative_to(killed) / store.RESULT).read_text())
+        b = json.loads((folder / store.RESULT).read_text())
+        assert a["pack"]["members"] == b["pack"]["members"] == 3
+        for key in METRIC_KEYS:
+            assert a[key] == b[key], key
+        assert a["resumed_at_epochs"] == [] and len(b["resumed_at_epochs"]) == 1
+        assert b["resumed_at_epochs"][0] % 3 == 0
