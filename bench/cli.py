@@ -21,8 +21,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--workers", type=int, default=1, help="packs of runs trained at once in separate processes")
     p.add_argument("--pack", type=int, help="runs that differ only in seed and method hyperparameters train in one "
-                                            "process as one stacked network, up to this many (default 16; 1: "
-                                            "one process per run)")
+                                            "process as one stacked network, up to this many (default 16; "
+                                            "image nets on a CPU: 1, as stacking measured slower there; 1: one "
+                                            "process per run)")
     p.add_argument("--force", action="store_true", help="redo runs that are already complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--data-root", help="where datasets live (also: BENCH_DATA)")

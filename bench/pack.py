@@ -55,6 +55,20 @@ LOWER_BOUND_STACK_ELEMENTS = 2 ** 22
 DEFAULT_PACK = 16
 
 
+def default_pack_limit(cfgs: Sequence[Mapping[str, object]]) -> int:
+    """`DEFAULT_PACK`, except for image networks trained on a CPU: there a step is compute-bound and the stacked
+    convolutions run slower than the single ones (`bench perf`: CLL 4C3F, K = 3, 0.58× the runs per hour of three
+    unpacked runs on 2 cores), so each run trains alone."""
+    from bench.registry import DATASETS
+
+    def on_cpu(cfg):
+        device = str(cfg.get("device", "auto"))
+        return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+    images = any(len(tuple(getattr(DATASETS.get(str(c["dataset"])), "input_shape", ()) or ())) > 1 for c in cfgs)
+    return 1 if images and any(on_cpu(c) for c in cfgs) else DEFAULT_PACK
+
+
 def member_keys(cfg: Mapping[str, object]) -> set:
     """Config keys in which the members of one pack may differ: the seeds and the method's hyperparameters."""
     return {"seed", "data_seed"} | set(METHODS.get(str(cfg["method"])).hparams)
@@ -141,6 +155,39 @@ class Pack:
         self.opt = make_optimizer(cfg, holder)
         self.sched = make_lr_scheduler(cfg, self.opt, runs[0].steps_per_epoch)
         self._batched = vmap(self._call)
+        # members sorted by method configuration (train_pack): each loss group is a contiguous slice
+        self.groups, lo = [], 0
+        keys = [_method_key(r.cfg) for r in runs]
+        for m in range(1, len(runs) + 1):
+            if m == len(runs) or keys[m] != keys[lo]:
+                self.groups.append(_LossGroup(lo, m, runs[lo].method))
+                lo = m
+        self.alive = torch.ones(len(runs), dtype=torch.bool, device=holder_device(holder))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, progress: float, tally: "PackTally") -> None:
+        """One optimizer step of every member on its own batch (x [M, B, ...], y [M, B]): the stacked forward
+        and training bound, each member's loss, their sum over the live members, backward, the update, the lr."""
+        logits, K_up, W = self.forward(x)
+        losses, logs = [], {}
+        for g in self.groups:
+            loss_g, logs_g = g(logits, y, K_up, W, progress)
+            losses.append(loss_g)
+            for k, v in logs_g.items():
+                logs.setdefault(k, []).append(v)
+        loss = torch.cat(losses)
+        tally.add(loss, logits, y, {k: torch.cat([p.reshape(len(p), -1)[:, 0] for p in parts])
+                                    for k, parts in logs.items()})
+        self.opt.zero_grad(set_to_none=True)
+        torch.where(self.alive, loss, torch.zeros_like(loss)).sum().backward()
+        self.opt.step()
+        self.sched.step()
+
+    def float_logs(self) -> Dict[str, float]:
+        """The losses' Python-number logs (a schedule's value) of the last step."""
+        out: Dict[str, float] = {}
+        for g in self.groups:
+            out.update(g.floats)
+        return out
 
     def _call(self, params, buffers, x):
         return functional_call(self.step_module, (params, buffers), (x,))
@@ -246,11 +293,31 @@ def _set_by_path(module: nn.Module, name: str, value: nn.Parameter) -> None:
     setattr(module, leaf, value)
 
 
+def holder_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class PackTally:
+    """EpochTally for a pack: per-member loss sums, correct counts and tensor logs, [M] on the device."""
+
+    def __init__(self, members: int, device: torch.device):
+        self.loss = torch.zeros(members, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(members, dtype=torch.int64, device=device)
+        self.sums: Dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, logs: Mapping[str, torch.Tensor]):
+        self.loss += loss.detach().double()
+        self.correct += (logits.detach().argmax(-1) == y).sum(-1)
+        for k, v in logs.items():
+            v = v.detach().double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+
 class _LossGroup:
     """Members [lo, hi) that share one method configuration: their losses in one vmapped call."""
 
-    def __init__(self, lo: int, hi: int, method, num_classes: int):
-        self.lo, self.hi, self.method, self.num_classes = lo, hi, method, num_classes
+    def __init__(self, lo: int, hi: int, method):
+        self.lo, self.hi, self.method = lo, hi, method
         self.floats: Dict[str, float] = {}
 
     def __call__(self, logits, y, K_up, W, progress: float):
@@ -327,13 +394,7 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
         pack.load_member_states([r.checkpoint["optimizer"] for r in runs], runs[0].checkpoint["scheduler"])
     for r in runs:
         r.checkpoint = None   # loaded: its tensors need not stay in memory
-    groups, lo = [], 0
-    keys = [_method_key(r.cfg) for r in runs]
-    for m in range(1, M + 1):
-        if m == M or keys[m] != keys[lo]:
-            groups.append(_LossGroup(lo, m, runs[lo].method, runs[lo].data.num_classes))
-            lo = m
-    alive = torch.ones(M, dtype=torch.bool, device=device)
+    alive = pack.alive
     live = list(range(M))
     sync_every = max(1, int(cfg0["sync_every"]))
     info = {"members": M, "configs": [store.config_hash(r.hashed_cfg) for r in runs]}
@@ -350,44 +411,19 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
             break
         t0, before = time.perf_counter(), runs[0].train_seconds
         perms = [r.epoch_order() for r in runs]
-        loss_sum = torch.zeros(M, dtype=torch.float64, device=device)
-        correct = torch.zeros(M, dtype=torch.int64, device=device)
-        sums: Dict[str, torch.Tensor] = {}
+        tally = PackTally(M, device)
         for it in range(spe):
             batches = [r.batch(it, p) for r, p in zip(runs, perms)]
-            x = torch.stack([b[0] for b in batches])
-            y = torch.stack([b[1] for b in batches])
-            logits, K_up, W = pack.forward(x)
-            progress = step / total
-            losses, logs = [], {}
-            for g in groups:
-                loss_g, logs_g = g(logits, y, K_up, W, progress)
-                losses.append(loss_g)
-                for k, v in logs_g.items():
-                    logs.setdefault(k, []).append(v)
-            loss = torch.cat(losses)
-            total_loss = torch.where(alive, loss, torch.zeros_like(loss)).sum()
-            loss_sum += loss.detach().double()
-            correct += (logits.detach().argmax(-1) == y).sum(-1)
-            for k, parts in logs.items():
-                v = torch.cat([p.reshape(len(p), -1)[:, 0] for p in parts]).detach().double()
-                sums[k] = sums[k] + v if k in sums else v
-            pack.opt.zero_grad(set_to_none=True)
-            total_loss.backward()
-            pack.opt.step()
-            pack.sched.step()
+            pack.step(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]), step / total, tally)
             if (step + 1) % sync_every == 0:
-                bad = (~torch.isfinite(loss_sum) & alive).nonzero().flatten().tolist()
-                for m in bad:
+                for m in (~torch.isfinite(tally.loss) & alive).nonzero().flatten().tolist():
                     diverge(m, f"non-finite loss at epoch {epoch + 1}, step {step + 1}",
                             before + time.perf_counter() - t0)
             step += 1
-        floats = {}
-        for g in groups:
-            floats.update(g.floats)
+        floats = pack.float_logs()
         lr = pack.opt.param_groups[0]["lr"]
-        host_loss, host_correct = loss_sum.tolist(), correct.tolist()
-        host_sums = {k: v.tolist() for k, v in sums.items()}
+        host_loss, host_correct = tally.loss.tolist(), tally.correct.tolist()
+        host_sums = {k: v.tolist() for k, v in tally.sums.items()}
         for m in live:
             pack.to_member(m)
         pack.converge(live, float(cfg0["converge_tol"]))

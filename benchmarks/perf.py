@@ -5,11 +5,15 @@
 2. Epoch time on CIFAR-10 through the engine's own loop (`bench.train.train_run`: device-resident data,
    on-device augmentation, the steps, the epoch-end convergence). On a CPU a subset is timed and scaled to
    the full 50,000 images (the convergence, timed on its own, is counted once).
-3. Augmentation throughput in images/s: the batched on-device pipeline against torchvision's per-image
+3. Packed against unpacked training (bench/pack.py) for moons and CIFAR-10 4C3F at K = 1, 3, 9 members: step
+   times, the epoch-end convergence, runs per hour over the protocol, and the projected wall time of the paper's
+   CIFAR-10 4C3F protocol (9 seeds × 800 epochs).
+4. Augmentation throughput in images/s: the batched on-device pipeline against torchvision's per-image
    transforms (the official configs' PIL pipeline, and torchvision.transforms.v2 on tensors) on the same
    images, per image as one DataLoader worker runs them (one process, one thread).
 
     bench perf [--device cuda] [--batch 128] [--steps 20] [--data-root DIR] [--epoch-subset N] [--skip-epoch]
+               [--pack-sizes 1,3,9] [--only-pack]
 
 Runnable as `python benchmarks/perf.py ...` too. On a CPU shared with other work (load above the core
 count) pass `--threads 1`: the power iteration's batch-1 convolutions otherwise wait at every thread barrier
@@ -99,6 +103,64 @@ def step_times(arch: str, batch: int, steps: int, device: torch.device, data_roo
     cll, ce = statistics.median(times["cll"]), statistics.median(times["ce"])
     return {"cll": cll, "ce": ce, "ratio": cll / ce, "steps": len(times["cll"]), "source": source,
             "converge": converge}
+
+
+def pack_throughput(arch: str, dataset: str, members: int, steps: int, device: torch.device,
+                    data_root: Optional[str]) -> Dict:
+    """Packed against unpacked CLL training (bench/pack.py): seconds per step of `members` runs stacked in one
+    step, and of one run alone; the epoch-end convergence of all members at once and of one; and the runs per
+    hour both give over the dataset's protocol (its epochs × steps per epoch of the full training set)."""
+    import copy
+
+    import methods  # noqa: F401
+    from bench.config import resolve
+    from bench.optim import make_optimizer
+    from bench.pack import Pack, PackTally
+    from bench.train import EpochTally, Run, train_step
+
+    cfgs = [{**resolve({"method": "cll", "arch": arch, "dataset": dataset, "device": str(device),
+                        "data_root": data_root}), "seed": s} for s in range(1, members + 1)]
+    with tempfile.TemporaryDirectory(prefix="lipbench-perf-") as tmp:
+        runs = [Run(c, Path(tmp) / str(i), device, budget_probe=False) for i, c in enumerate(cfgs)]
+    cfg, power_iter, tol = runs[0].cfg, int(cfgs[0]["power_iter"]), float(cfgs[0]["converge_tol"])
+    batches = [r.batch(0, r.epoch_order()) for r in runs]
+
+    alone = copy.deepcopy(runs[0].model)
+    opt = make_optimizer(cfg, alone)
+    tally = EpochTally(device)
+    xb, yb = batches[0]
+
+    def unpacked_step():
+        train_step(alone, alone, runs[0].method, opt, None, xb, yb, 0.5, power_iter, tally)
+
+    pack = Pack(runs, power_iter)
+    ptally = PackTally(members, device)
+    x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+
+    def packed_step():
+        pack.step(x, y, 0.5, ptally)
+
+    for _ in range(3):
+        unpacked_step()
+        packed_step()
+    times: Dict[str, List[float]] = {"alone": [], "pack": []}
+    for _ in range(steps):
+        times["alone"].append(_timed(unpacked_step, device))
+        times["pack"].append(_timed(packed_step, device))
+    converge_alone = _timed(lambda: alone.converge(tol=tol, guaranteed=False), device)
+    for m in range(members):
+        pack.to_member(m)
+    converge_pack = _timed(lambda: pack.converge(range(members), tol), device)
+    alone_step, pack_step = statistics.median(times["alone"]), statistics.median(times["pack"])
+    n_full = {"moons": int(cfg.get("n_train") or 2000), "cifar10": 50_000, "cifar100": 50_000,
+              "tinyimagenet": 100_000}[dataset]
+    epochs, spe = int(cfg["epochs"]), n_full // int(cfg["batch_size"])
+    run_alone = epochs * (spe * alone_step + converge_alone)
+    run_packed = epochs * (spe * pack_step + converge_pack) / members
+    return {"members": members, "alone_step": alone_step, "pack_step": pack_step, "converge_alone": converge_alone,
+            "converge_pack": converge_pack, "runs_per_hour_alone": 3600 / run_alone,
+            "runs_per_hour_packed": 3600 / run_packed, "epochs": epochs, "steps_per_epoch": spe,
+            "protocol_hours_packed": run_packed * members / 3600, "protocol_hours_alone": run_alone * members / 3600}
 
 
 class _Stop(Exception):
@@ -192,6 +254,35 @@ def _row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def pack_lines(sizes: List[int], steps: int, device: torch.device, data_root: Optional[str]) -> List[str]:
+    """Table rows of `pack_throughput` for moons and CIFAR-10 4C3F at each pack size, printed as measured; then
+    the projected wall time of the paper's CIFAR-10 4C3F protocol (9 seeds × 800 epochs) at the largest size."""
+    lines = []
+    last = None
+    for arch, dataset in (("moons-mlp", "moons"), ("4c3f", "cifar10")):
+        for k in sizes:
+            r = pack_throughput(arch, dataset, k, steps, device, data_root)
+            last = r if dataset == "cifar10" else last
+            lines.append(_row([f"packed K = {k}, CLL {arch} on {dataset}", f"{r['runs_per_hour_packed']:.2f} runs/h",
+                               f"unpacked {r['runs_per_hour_alone']:.2f} runs/h "
+                               f"(×{r['runs_per_hour_packed'] / r['runs_per_hour_alone']:.2f}); step "
+                               f"{r['pack_step'] * 1e3:.1f} ms for {k} vs {r['alone_step'] * 1e3:.1f} ms for one; "
+                               f"epoch-end convergence {r['converge_pack']:.2f} s vs {r['converge_alone']:.2f} s; "
+                               f"protocol {r['epochs']} epochs × {r['steps_per_epoch']} steps"]))
+            print(lines[-1], flush=True)
+    if last is not None:
+        k = last["members"]
+        seeds = 9
+        packs = -(-seeds // k)
+        hours_packed = packs * last["protocol_hours_packed"]
+        hours_alone = seeds * last["protocol_hours_alone"] / last["members"]
+        lines.append(_row(["CIFAR-10 4C3F protocol, 9 seeds × 800 epochs (projected)",
+                           f"{hours_packed:.1f} h packed", f"{packs} pack(s) of ≤ {k} one after another; "
+                           f"{hours_alone:.1f} h as 9 runs one after another"]))
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench perf", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
@@ -203,6 +294,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="time the epoch on this many images and scale (default: all on CUDA, 1280 on CPU)")
     p.add_argument("--skip-epoch", action="store_true", help="leave out the epoch measurement")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--pack-sizes", default="1,3,9",
+                   help="members per pack timed against as many unpacked runs, for moons and 4C3F ('' to skip)")
+    p.add_argument("--only-pack", action="store_true", help="only the packed-versus-unpacked measurements")
     args = p.parse_args(argv)
 
     from bench.train import device_name, pick_device
@@ -214,6 +308,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
           f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
     lines = [_row(["measurement", "value", "notes"]), _row(["---"] * 3)]
+    sizes = [int(k) for k in args.pack_sizes.split(",") if k.strip()]
+    if sizes:
+        lines += pack_lines(sizes, args.steps, device, args.data_root)
+    if args.only_pack:
+        print("\n" + "\n".join(lines))
+        return 0
 
     st = step_times(args.arch, args.batch, args.steps, device, args.data_root)
     lines += [

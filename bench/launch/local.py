@@ -162,8 +162,8 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
             quiet: bool = False, runs_per_gpu: int = 1, pack: Optional[int] = None) -> List[Dict[str, object]]:
     """Execute every run that is not finished; returns the results (finished ones included). Runs held by
     another process are left to it and reported as skipped. Runs that can share a process train in packs of at
-    most `pack` members (None: `bench.pack.DEFAULT_PACK`; 1: every run in its own process); workers take packs."""
-    from bench.pack import DEFAULT_PACK, make_packs
+    most `pack` members (None: `bench.pack.default_pack_limit`; 1: every run in its own process); workers take packs."""
+    from bench.pack import default_pack_limit, make_packs
 
     todo, done = partition(cfgs, results, force)
     finished_before = len(done)
@@ -176,7 +176,7 @@ def run_all(cfgs: List[Dict[str, object]], results: str, workers: int = 1, force
     if slots:
         workers = min(workers, len(slots))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    packs = make_packs(todo, DEFAULT_PACK if pack is None else pack, workers)
+    packs = make_packs(todo, default_pack_limit(todo) if pack is None else pack, workers)
     workers = min(workers, len(packs))
     skipped, trained, failed = [], 0, []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

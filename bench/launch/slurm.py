@@ -63,13 +63,15 @@ def submit(cfgs: List[Dict[str, object]], results: str, suite_name: str, partiti
            time_limit: str, max_parallel: int, dry_run: bool = False, executor=None, force: bool = False,
            gpus_per_task: int = 1, cpus_per_task: int = 8, mem_gb: int = 32, pack: Optional[int] = None) -> List:
     """Submit one job array of the unfinished runs, one task per pack (at most `pack` runs; None:
-    `bench.pack.DEFAULT_PACK`); with dry_run, print it instead. Returns the jobs."""
-    from bench.pack import DEFAULT_PACK, make_packs
+    `bench.pack.default_pack_limit`); with dry_run, print it instead. Returns the jobs."""
+    from bench.pack import DEFAULT_PACK, default_pack_limit, make_packs
 
     todo, done = partition(cfgs, results, force)
     running = [c for c in todo if is_running(run_dir(results, c))]  # held by a live process: leave them be
     todo = [c for c in todo if c not in running]
-    packs = make_packs(todo, DEFAULT_PACK if pack is None else pack)
+    if pack is None:   # tasks with a GPU pack by default, wherever this submitting machine is
+        pack = DEFAULT_PACK if gpus_per_task else default_pack_limit(todo)
+    packs = make_packs(todo, pack)
     log_folder = Path(results) / "_slurm" / suite_name / "%j"
     params = {"partition": partition_name, "time": time_limit, "timeout_min": parse_time(time_limit),
               "array": f"0-{len(packs) - 1}%{max_parallel}" if packs else "-", "gpus_per_task": gpus_per_task,
