@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -39,13 +40,13 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 
 from bench import certify, store
-from bench.config import EXECUTION_KEYS
+from bench.config import ENGINE_DEFAULTS, EXECUTION_KEYS
 from bench.nn.bound import PairwiseBound
 from bench.nn.lipschitz import LipConv2d, LipLinear
 from bench.optim import make_lr_scheduler, make_optimizer
-from bench.registry import METHODS
-from bench.train import (DivergedError, Run, git_commit, global_rng_state, lower_bound_budget, lower_bound_generator,
-                         pick_device, set_global_rng_state, train_run)
+from bench.registry import ARCHS, METHODS
+from bench.train import (DivergedError, Run, global_rng_state, lower_bound_generator, lower_bound_plan,
+                         prepare_process, set_global_rng_state, train_run)
 
 #: the largest stacked lower-bound ascent (input elements of all members' pairs); larger packs bound per member
 LOWER_BOUND_STACK_ELEMENTS = 2 ** 22
@@ -70,13 +71,16 @@ def default_pack_limit(cfgs: Sequence[Mapping[str, object]]) -> int:
 
 
 def member_keys(cfg: Mapping[str, object]) -> set:
-    """Config keys in which the members of one pack may differ: the seeds and the method's hyperparameters."""
-    return {"seed", "data_seed"} | set(METHODS.get(str(cfg["method"])).hparams)
+    """Config keys in which the members of one pack may differ: the seeds and the method's own hyperparameters
+    (a method key the engine also reads, such as SLL's `betas`, is shared by the pack and must agree)."""
+    return {"seed", "data_seed"} | (set(METHODS.get(str(cfg["method"])).hparams) - set(ENGINE_DEFAULTS))
 
 
 def packable(cfg: Mapping[str, object]) -> bool:
-    """Whether a config can join a pack at all (a budgeted run plans its own epochs; compile traces one net)."""
-    return cfg.get("budget") is None and not cfg.get("compile")
+    """Whether a config can join a pack at all: a plain Table B2 network (no layer family: `supports_packing`
+    checks the built net too), not budgeted (each budgeted run plans its own epochs), not compiled."""
+    return (getattr(ARCHS.get(str(cfg["arch"])), "family", None) is None and cfg.get("budget") is None
+            and not cfg.get("compile"))
 
 
 def pack_key(cfg: Mapping[str, object]) -> str:
@@ -182,12 +186,9 @@ class Pack:
         self.opt.step()
         self.sched.step()
 
-    def float_logs(self) -> Dict[str, float]:
-        """The losses' Python-number logs (a schedule's value) of the last step."""
-        out: Dict[str, float] = {}
-        for g in self.groups:
-            out.update(g.floats)
-        return out
+    def float_logs(self, m: int) -> Dict[str, float]:
+        """Member m's Python-number logs (a schedule's value) of the last step, from its own loss group."""
+        return next(dict(g.floats) for g in self.groups if g.lo <= m < g.hi)
 
     def _call(self, params, buffers, x):
         return functional_call(self.step_module, (params, buffers), (x,))
@@ -220,7 +221,9 @@ class Pack:
         """The epoch-end power iteration of every bounded layer, for `members` at once (each stopping by its own
         rule, `stacked_power_iteration`); each member's network adopts its result, so its own `converge()` finds
         the bound fresh. The members' networks must hold their current rows (`to_member`)."""
-        rows = torch.tensor(list(members), device=next(iter(self.params.values())).device)
+        if not members:
+            return
+        rows = torch.tensor(list(members), dtype=torch.long, device=next(iter(self.params.values())).device)
         for name, layer in self.layers:
             W = self.params[f"net.{name}.weight"].detach()[rows].double()
             V = self.buffers[f"net.{name}.power_iterate"][rows].double()
@@ -234,8 +237,9 @@ class Pack:
         own generator) in one stacked ascent; empty when the members' pairs are too large to stack (each member
         then computes its own)."""
         run0 = self.runs[0]
-        pairs, steps = lower_bound_budget(run0.cfg)
-        pairs = min(pairs, len(run0.data.y_train) // 2)
+        pairs, steps = lower_bound_plan(run0.cfg, run0.data)
+        if not members:
+            return {}
         if pairs <= 0 or steps < 0:
             return {m: 0.0 for m in members}
         if 2 * pairs * run0.data.x_train[0].numel() * len(members) > LOWER_BOUND_STACK_ELEMENTS:
@@ -245,7 +249,7 @@ class Pack:
             run = self.runs[m]
             starts.append(next(certify.lower_bound_pairs(run.data.x_train, pairs, lower_bound_generator(run.cfg),
                                                          pairs, run.data.inputs, run.device)))
-        rows = torch.tensor(list(members), device=run0.device)
+        rows = torch.tensor(list(members), dtype=torch.long, device=run0.device)
         params = {k[len("net."):]: v.detach()[rows] for k, v in self.params.items()}
         buffers = {k[len("net."):]: v[rows] for k, v in self.buffers.items()}
         net = self.step_module.net
@@ -262,14 +266,18 @@ class Pack:
     def member_optimizer_state(self, m: int) -> Dict[str, object]:
         """Member m's optimizer state in the unpacked format: its rows of every per-parameter state tensor."""
         state = self.opt.state_dict()
-        shapes = [p.shape for p in self.params.values()]
+        shapes = self._state_shapes()
         return {"state": {i: {k: (v[m].clone() if k != "step" and torch.is_tensor(v) and v.shape == shapes[i] else v)
                               for k, v in s.items()} for i, s in state["state"].items()},
                 "param_groups": copy.deepcopy(state["param_groups"])}
 
+    def _state_shapes(self) -> List[torch.Size]:
+        """The stacked shape of each optimizer-state index (state_dict numbers parameters in param_groups order)."""
+        return [p.shape for g in self.opt.param_groups for p in g["params"]]
+
     def load_member_states(self, states: Sequence[Mapping[str, object]], sched_state) -> None:
         """Stack the members' optimizer states (from their checkpoints) into the pack's optimizer."""
-        shapes = [p.shape for p in self.params.values()]
+        shapes = self._state_shapes()
         first = states[0]
         stacked = {}
         for i, s in first["state"].items():
@@ -340,16 +348,12 @@ def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
                on_epoch: Optional[Callable[[int, int, int, dict], None]] = None) -> List[Dict[str, object]]:
     """Train the runs `cfgs` into `folders` as one pack (each resumed from its own checkpoint); returns each
     member's result.json (a diverged member's `diverged` record), in the order given. `on_epoch(i, epoch,
-    epochs, row)` reports member i's epochs."""
-    git_commit()
+    epochs, row)` reports member i's epochs. Members checkpointed at different epochs (a pack killed while it
+    wrote its members' checkpoints) train as one pack per epoch."""
     cfg0 = cfgs[0]
     if len({pack_key(c) for c in cfgs}) > 1:
         raise ValueError("runs of one pack must agree on everything but their seeds and method hyperparameters")
-    if cfg0.get("threads"):
-        torch.set_num_threads(int(cfg0["threads"]))
-    device = pick_device(str(cfg0["device"]))
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = prepare_process(cfg0)
     # members sorted by method configuration: each loss group is a contiguous slice of the stack
     order = sorted(range(len(cfgs)), key=lambda i: (_method_key(cfgs[i]), i))
     results: List[Optional[Dict[str, object]]] = [None] * len(cfgs)
@@ -357,31 +361,38 @@ def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
     def report(i):
         return None if on_epoch is None else (lambda e, n, row: on_epoch(i, e, n, row))
 
-    def alone() -> List[Optional[Dict[str, object]]]:
+    if len(cfgs) == 1 or not packable(cfg0):
         for i in order:
             try:
                 results[i] = train_run(cfgs[i], folders[i], on_epoch=report(i))
             except DivergedError as e:
                 results[i] = store.write_diverged(folders[i], cfgs[i], str(e), e.train_seconds)
         return results
-
-    if len(cfgs) == 1 or not packable(cfg0):
-        return alone()
-    runs, rng, index = [], [], []
+    by_epoch: Dict[int, List[int]] = {}
+    for i in order:
+        by_epoch.setdefault(store.checkpoint_epoch(folders[i]), []).append(i)
+    if len(by_epoch) > 1:
+        for members in by_epoch.values():
+            sub = train_pack([cfgs[i] for i in members], [folders[i] for i in members],
+                             None if on_epoch is None else (lambda k, e, n, row, ms=members: on_epoch(ms[k], e, n, row)))
+            for i, result in zip(members, sub):
+                results[i] = result
+        return results
+    runs, rng = [], []
     for i in order:
         runs.append(Run(cfgs[i], folders[i], device))
         rng.append(global_rng_state())      # each member's process-wide generators, as its own process has them
-        index.append(i)
-    epochs = {r.checkpoint["epoch"] if r.checkpoint else 0 for r in runs}
-    if len(epochs) > 1 or not supports_packing(runs[0].model):
-        del runs   # members checkpointed at different epochs, or a family that does not vmap: each unpacked
-        return alone()
-    _train_stacked(runs, rng, index, device, results, report)
+    if not supports_packing(runs[0].model):
+        raise ValueError(f"architecture {cfg0['arch']!r} has layers a pack cannot stack; train it with --pack 1")
+    _train_stacked(runs, rng, order, device, results, report)
     return results
 
 
 def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[int], device: torch.device,
                    results: List[Optional[Dict[str, object]]], report) -> None:
+    """The packed loop: `runs` (in stack order; `index[m]` is member m's position in `results`) resumed, stacked,
+    trained to their last epoch, finished. Each member's training time is its own history plus the pack's shared
+    phases (the steps and the batched convergence), not the other members' evaluations."""
     cfg0, M = runs[0].cfg, len(runs)
     for m, r in enumerate(runs):
         set_global_rng_state(rng[m])
@@ -394,8 +405,7 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
         pack.load_member_states([r.checkpoint["optimizer"] for r in runs], runs[0].checkpoint["scheduler"])
     for r in runs:
         r.checkpoint = None   # loaded: its tensors need not stay in memory
-    alive = pack.alive
-    live = list(range(M))
+    alive, live = pack.alive, list(range(M))
     sync_every = max(1, int(cfg0["sync_every"]))
     info = {"members": M, "configs": [store.config_hash(r.hashed_cfg) for r in runs]}
     spe, total = runs[0].steps_per_epoch, runs[0].total_steps
@@ -409,7 +419,7 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
     for epoch in range(runs[0].start_epoch, runs[0].epochs):
         if not live:
             break
-        t0, before = time.perf_counter(), runs[0].train_seconds
+        t0 = time.perf_counter()
         perms = [r.epoch_order() for r in runs]
         tally = PackTally(M, device)
         for it in range(spe):
@@ -418,23 +428,27 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
             if (step + 1) % sync_every == 0:
                 for m in (~torch.isfinite(tally.loss) & alive).nonzero().flatten().tolist():
                     diverge(m, f"non-finite loss at epoch {epoch + 1}, step {step + 1}",
-                            before + time.perf_counter() - t0)
+                            runs[m].train_seconds + time.perf_counter() - t0)
             step += 1
-        floats = pack.float_logs()
         lr = pack.opt.param_groups[0]["lr"]
         host_loss, host_correct = tally.loss.tolist(), tally.correct.tolist()
         host_sums = {k: v.tolist() for k, v in tally.sums.items()}
+        for m in [m for m in live if not math.isfinite(host_loss[m])]:   # before the batched convergence
+            diverge(m, f"non-finite loss at epoch {epoch + 1}", runs[m].train_seconds + time.perf_counter() - t0)
+        if not live:
+            break
         for m in live:
             pack.to_member(m)
         pack.converge(live, float(cfg0["converge_tol"]))
+        shared = time.perf_counter() - t0
         for m in list(live):
             run = runs[m]
             run.step = step
             set_global_rng_state(rng[m])
-            logs_m = {**floats, **{k: v[m] / max(1, spe) for k, v in host_sums.items()}}
+            logs_m = {**pack.float_logs(m), **{k: v[m] / max(1, spe) for k, v in host_sums.items()}}
             try:
                 run.end_epoch(epoch, host_loss[m], int(host_correct[m]), logs_m, lr,
-                              lambda: before + time.perf_counter() - t0,
+                              lambda before=run.train_seconds: before + shared,
                               lambda m=m: {"optimizer": pack.member_optimizer_state(m),
                                            "scheduler": pack.sched.state_dict()}, report(index[m]))
             except DivergedError as e:
@@ -443,8 +457,6 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
             finally:
                 rng[m] = global_rng_state()
             pack.from_member(m)
-        for r in runs:
-            r.train_seconds = before + time.perf_counter() - t0
     lower = pack.lower_bounds(live)
     for m in live:
         set_global_rng_state(rng[m])

@@ -128,6 +128,12 @@ def load_checkpoint(path: Path, map_location="cpu") -> Dict[str, object]:
         raise CorruptRunError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def checkpoint_epoch(folder: Path) -> int:
+    """The epoch a run folder's checkpoint was written after (0 without one)."""
+    path = Path(folder) / CHECKPOINT
+    return int(load_checkpoint(path)["epoch"]) if path.exists() else 0
+
+
 def file_sha256(path: Path) -> Optional[str]:
     """sha256 of a file's bytes (None when it does not exist): result.json pins the checkpoint it came from."""
     path = Path(path)

@@ -425,16 +425,22 @@ class Run:
                           lower=lower)
 
 
-def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[[int, int, dict], None]] = None,
-              ) -> Dict[str, object]:
-    """Train one run into `folder` (resuming from its checkpoint if there is one); returns result.json."""
+def prepare_process(cfg: Mapping[str, object]) -> torch.device:
+    """The process settings a training needs (threads, deterministic CPU kernels); returns the device."""
     git_commit()  # read now, while the checkout still holds the code this process loaded
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     device = pick_device(str(cfg["device"]))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    run = Run(cfg, folder, device)
+    return device
+
+
+def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[[int, int, dict], None]] = None,
+              ) -> Dict[str, object]:
+    """Train one run into `folder` (resuming from its checkpoint if there is one); returns result.json."""
+    run = Run(cfg, folder, prepare_process(cfg))
+    device = run.device
     cfg, model, method = run.cfg, run.model, run.method
     opt = make_optimizer(cfg, model)
     sched = make_lr_scheduler(cfg, opt, run.steps_per_epoch)
@@ -472,6 +478,13 @@ def lower_bound_budget(cfg: Mapping[str, object]) -> tuple:
         if cfg.get("lower_bound_steps_short") is not None:
             steps = min(steps, int(cfg["lower_bound_steps_short"]))
     return pairs, steps
+
+
+def lower_bound_plan(cfg: Mapping[str, object], data: DataBundle) -> tuple:
+    """(pairs, steps) the run's lower bound uses: `lower_bound_budget`, with as many pairs as the training pool
+    holds (no bound at all when either is zero or negative)."""
+    pairs, steps = lower_bound_budget(cfg)
+    return min(pairs, len(data.y_train) // 2), steps
 
 
 def lower_bound_generator(cfg: Mapping[str, object]) -> torch.Generator:
@@ -543,8 +556,7 @@ def finish_run(cfg, folder: Path, model, method, data: DataBundle, train_seconds
     add_cra_ceiling(ev, data, cfg)
     bound, power = model.certified_bound(), model.power_bound()
     K_f = float(bound.max(data.num_classes))
-    lb_pairs, lb_steps = lower_bound_budget(cfg)
-    lb_pairs = min(lb_pairs, len(data.y_train) // 2)  # as many pairs as the training pool holds
+    lb_pairs, lb_steps = lower_bound_plan(cfg, data)
     lobo = lower
     if lobo is None:
         lobo = 0.0

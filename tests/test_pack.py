@@ -79,13 +79,18 @@ class _NaNMember(Method):
         return (ce * float("nan") if self.nan_at is not None and self.calls >= self.nan_at else ce), {}
 
 
-def test_a_diverging_member_stops_alone(tmp_path):
-    cfgs = [_moons("test-nan-member", 1, nan_at=7, epochs=6, sync_every=1),
-            _moons("test-nan-member", 2, epochs=6, sync_every=1), _moons("test-nan-member", 3, epochs=6, sync_every=1)]
+@pytest.mark.parametrize("sync_every", [1, 50])
+def test_a_diverging_member_stops_alone(tmp_path, sync_every):
+    # sync_every 50 > the 20 steps of a moons epoch: the NaN is found at the epoch's end, before the batched
+    # convergence (whose eigh would fail on the member's NaN weights)
+    cfgs = [_moons("test-nan-member", 1, nan_at=7, epochs=6, sync_every=sync_every),
+            _moons("test-nan-member", 2, epochs=6, sync_every=sync_every),
+            _moons("test-nan-member", 3, epochs=6, sync_every=sync_every)]
     outcomes = execute_pack(cfgs, str(tmp_path / "pack"))
     assert [o[0] for o in outcomes] == ["trained"] * 3
     diverged, *healthy = [o[1] for o in outcomes]
-    assert diverged["status"] == "diverged" and "non-finite loss at epoch 1, step 7" in diverged["reason"]
+    where = "epoch 1, step 7" if sync_every == 1 else "epoch 1"
+    assert diverged["status"] == "diverged" and f"non-finite loss at {where}" in diverged["reason"]
     assert [r["status"] for r in healthy] == ["complete", "complete"]
     # the healthy members are the runs they would be alone: the NaN never reached them
     for cfg, result in zip(cfgs[1:], healthy):
@@ -93,12 +98,20 @@ def test_a_diverging_member_stops_alone(tmp_path):
         _assert_same_run(store.run_dir(tmp_path / "pack", cfg), store.run_dir(tmp_path / "alone", cfg), result, alone)
 
 
+def test_a_pack_whose_members_all_diverge_records_them(tmp_path):
+    cfgs = [_moons("test-nan-member", s, nan_at=3, epochs=4) for s in (1, 2)]
+    outcomes = execute_pack(cfgs, str(tmp_path))
+    assert [(o[0], o[1]["status"]) for o in outcomes] == [("trained", "diverged")] * 2
+
+
 def test_packs_group_by_everything_but_seeds_and_hyperparameters():
     cfgs = [_moons("cll", s, eps=e) for e in (0.1, 0.2) for s in (1, 2, 3)] + [_moons("gloro", 1)]
     cfgs.append(_moons("cll", 1, lr=1e-2))          # another optimizer setting: its own pack
     cfgs.append(_moons("cll", 2, budget="10s"))     # a budgeted run plans its own epochs: alone
+    soc = resolve({"method": "soc", "arch": "lipconv-10", "dataset": "cifar10"})
+    cfgs += [{**soc, "seed": 1}, {**soc, "seed": 2}]  # a layer family: never stacked, one task per run
     packs = make_packs(cfgs, limit=16, workers=1)
-    assert sorted(len(p) for p in packs) == [1, 1, 1, 6]
+    assert sorted(len(p) for p in packs) == [1, 1, 1, 1, 1, 6]
     assert sorted(len(p) for p in make_packs(cfgs[:6], limit=4, workers=1)) == [3, 3]
     assert sorted(len(p) for p in make_packs(cfgs[:6], limit=16, workers=3)) == [2, 2, 2]
     assert [len(p) for p in make_packs(cfgs[:6], limit=1, workers=1)] == [1] * 6

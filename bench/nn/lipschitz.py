@@ -215,27 +215,17 @@ class PowerIterated(metaclass=abc.ABCMeta):
         (bench/pack.py) converges all its members' layers in one call. M = 1 is the single layer."""
         M = W.shape[0]
         if M == 1:
-            def op(Q):
-                return self.operator(Q[0], W[0])[None]
+            def op(Q, Wa):
+                return self.operator(Q[0], Wa[0])[None]
 
-            def adj(U):
-                return self.adjoint(U[0], W[0])[None]
+            def adj(U, Wa):
+                return self.adjoint(U[0], Wa[0])[None]
             V = self._warm_start(V[0], W[0])[None]
         elif getattr(self, "stackable", False):   # the layer's own ops broadcast over the stack
-            def op(Q):
-                return self.operator(Q, W)
-
-            def adj(U):
-                return self.adjoint(U, W)
+            op, adj = self.operator, self.adjoint
             V = self._warm_start(V, W)
         else:
-            op_v, adj_v = torch.func.vmap(self.operator), torch.func.vmap(self.adjoint)
-
-            def op(Q):
-                return op_v(Q, W)
-
-            def adj(U):
-                return adj_v(U, W)
+            op, adj = torch.func.vmap(self.operator), torch.func.vmap(self.adjoint)
             V = torch.func.vmap(self._warm_start)(V, W)
         shape = tuple(V.shape[1:])
         n = V[0].numel()
@@ -243,16 +233,16 @@ class PowerIterated(metaclass=abc.ABCMeta):
         gen = torch.Generator().manual_seed(0)  # deterministic extra directions
         extra = torch.randn(b - 1, n, generator=gen, dtype=torch.float64).to(V.device)
         Q = _orthonormal_rows(torch.cat([V.reshape(M, 1, n), extra.expand(M, b - 1, n)], dim=1))
-        block_shape = (M, b, *shape[1:]) if len(shape) > 1 else (M, b, *shape)
+        block_tail = tuple(shape[1:]) if len(shape) > 1 else shape
 
         sigma, prev = [0.0] * M, [None] * M
-        active = list(range(M))
+        active, Wa = list(range(M)), W          # the members still iterating, and their weights
         x_out = torch.zeros(M, n, dtype=torch.float64, device=V.device)
         watched = min(2, b)
         for it in range(max_iter):
-            out = op(Q.reshape(block_shape))
-            AQ = out.reshape(M, b, -1)
-            Y = adj(out).reshape(M, b, -1)                  # AᵀA Q
+            out = op(Q.reshape(len(active), b, *block_tail), Wa)
+            AQ = out.reshape(len(active), b, -1)
+            Y = adj(out, Wa).reshape(len(active), b, -1)   # AᵀA Q
             H = AQ @ AQ.transpose(-1, -2)                    # Q A Qᵀ, b × b
             theta, S = torch.linalg.eigh(H)
             theta, S = theta.flip(-1), S.flip(-1)
@@ -260,29 +250,31 @@ class PowerIterated(metaclass=abc.ABCMeta):
             x = (s0[:, None, :] @ Q)[:, 0]
             r = torch.linalg.vector_norm((s0[:, None, :] @ Y)[:, 0] - theta[:, :1] * x, dim=-1)
             theta_h, r_h = theta[:, :watched].tolist(), r.tolist()   # one host read per step for all members
-            stopped = []
-            for m in active:
-                t0 = max(theta_h[m][0], 0.0)
+            keep = []
+            for k, m in enumerate(active):
+                t0 = max(theta_h[k][0], 0.0)
                 sigma[m] = math.sqrt(t0)
                 stop = t0 == 0.0 or sigma[m] >= upper / (1.0 + self.GAP_TOL)
                 # converged: the top *two* Ritz values stable (a near-degenerate top pair resolved, not only the
                 # pair the iterate happened to start in), the top residual small, and a minimum of steps taken
-                top = [max(v, 0.0) for v in theta_h[m]]
-                if not stop and it >= self.POWER_MIN_ITER and prev[m] is not None and r_h[m] <= math.sqrt(tol) * t0:
+                top = [max(v, 0.0) for v in theta_h[k]]
+                if not stop and it >= self.POWER_MIN_ITER and prev[m] is not None and r_h[k] <= math.sqrt(tol) * t0:
                     # the top value to tol; the runner-up only to √tol: enough to show the block has settled (a
                     # start in a lower singular direction moves it by far more), without waiting out σ₃/σ₂
                     stop = (abs(top[0] - prev[m][0]) <= tol * t0
                             and abs(top[-1] - prev[m][-1]) <= math.sqrt(tol) * t0)
-                if stop:
-                    x_out[m] = x[m]
-                    stopped.append(m)
                 prev[m] = top
-            active = [m for m in active if m not in stopped]
-            if not active:
+                if stop or it == max_iter - 1:
+                    x_out[m] = x[k]
+                else:
+                    keep.append(k)
+            if not keep:
                 break
+            if len(keep) < len(active):   # stopped members leave the stack
+                rows = torch.tensor(keep, dtype=torch.long, device=Y.device)
+                Y, Wa = Y[rows], Wa[rows]
+                active = [active[k] for k in keep]
             Q = _orthonormal_rows(Y)
-        for m in active:   # max_iter reached
-            x_out[m] = x[m]
         return sigma, torch.stack([_unit(v) for v in x_out]).reshape(M, *shape)
 
     def _warm_start(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -411,10 +403,11 @@ class MaxMin(nn.Module):
             raise ValueError(f"MaxMin needs an even number of channels, got {c}")
         pairs = x.unflatten(1, (c // 2, 2))
         a, b = pairs.select(2, 0), pairs.select(2, 1)
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        if not torch.is_grad_enabled():
             # evaluation and certification: elementwise max/min, 8× faster than a sort on 20,000 moons points
             return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1)
-        # training: the whole gradient goes to the larger entry (to a at a tie), as a sort routes it; maximum()
+        # with autograd on (training, also under vmap, where `requires_grad` is not visible; the lower bound's
+        # ascent): the whole gradient goes to the larger entry (to a at a tie), as a sort routes it; maximum()
         # would split it at ties, and its backward is slower
         first = a >= b
         return torch.cat([torch.where(first, a, b), torch.where(first, b, a)], 1)
