@@ -348,8 +348,9 @@ def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
                on_epoch: Optional[Callable[[int, int, int, dict], None]] = None) -> List[Dict[str, object]]:
     """Train the runs `cfgs` into `folders` as one pack (each resumed from its own checkpoint); returns each
     member's result.json (a diverged member's `diverged` record), in the order given. `on_epoch(i, epoch,
-    epochs, row)` reports member i's epochs. Members checkpointed at different epochs (a pack killed while it
-    wrote its members' checkpoints) train as one pack per epoch."""
+    epochs, row)` reports member i's epochs. Members a kill left one checkpoint ahead of the others (a pack killed
+    while it wrote its members' checkpoints) roll back to their previous one; members at different epochs
+    otherwise (runs first trained in other packs) train as one pack per epoch."""
     cfg0 = cfgs[0]
     if len({pack_key(c) for c in cfgs}) > 1:
         raise ValueError("runs of one pack must agree on everything but their seeds and method hyperparameters")
@@ -368,9 +369,15 @@ def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
             except DivergedError as e:
                 results[i] = store.write_diverged(folders[i], cfgs[i], str(e), e.train_seconds)
         return results
+    at = {i: store.checkpoint_epoch(folders[i]) for i in order}
+    common = min(at.values())
+    for i in order:   # members a kill left one checkpoint ahead go back to the pack's common epoch
+        if at[i] > common and store.checkpoint_epoch(folders[i], previous=True) == common:
+            store.roll_back_checkpoint(folders[i])
+            at[i] = common
     by_epoch: Dict[int, List[int]] = {}
     for i in order:
-        by_epoch.setdefault(store.checkpoint_epoch(folders[i]), []).append(i)
+        by_epoch.setdefault(at[i], []).append(i)
     if len(by_epoch) > 1:
         for members in by_epoch.values():
             sub = train_pack([cfgs[i] for i in members], [folders[i] for i in members],
@@ -396,6 +403,7 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
     cfg0, M = runs[0].cfg, len(runs)
     for m, r in enumerate(runs):
         set_global_rng_state(rng[m])
+        r.keep_previous_checkpoint = True
         r.resume(None, None)
         rng[m] = global_rng_state()
         r.model.train()

@@ -4,6 +4,7 @@ Layout: <results>/<dataset>/<method>/<arch>/<config-hash>/seed-<k>/ holding
     config.yaml     the resolved config (written first)
     metrics.csv     one row per evaluated epoch
     checkpoint.pt   model, optimizer, scheduler, power iterates, RNG states, epoch (atomic, every epoch)
+    checkpoint.prev.pt  a packed member's checkpoint before the last one (until the run finishes)
     result.json     the final metrics (written last, atomically; its presence means the run is finished)
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ RESULT = "result.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 LOCK = ".lock"
 RUN_LOG = "run.log"     # the traceback of a run that raised
 
@@ -114,10 +116,33 @@ def read_metrics(folder: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def save_checkpoint(folder: Path, state: Mapping[str, object]) -> None:
+def save_checkpoint(folder: Path, state: Mapping[str, object], keep_previous: bool = False) -> None:
+    """Write checkpoint.pt atomically. `keep_previous`: the checkpoint it replaces stays as checkpoint.prev.pt. A
+    pack writes its members' checkpoints one after another, so a pack killed between two of them leaves members one
+    checkpoint apart; `roll_back_checkpoint` then brings those ahead back, and every member resumes from one
+    epoch in one pack, bit for bit as the pack that was killed would have gone on."""
+    folder = Path(folder)
+    if keep_previous and (folder / CHECKPOINT).exists():
+        tmp = folder / (PREVIOUS_CHECKPOINT + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(folder / CHECKPOINT, tmp)   # a second name for the old file: no copy
+        except OSError:                         # a file system without hard links
+            atomic_write_bytes(tmp, (folder / CHECKPOINT).read_bytes())
+        os.replace(tmp, folder / PREVIOUS_CHECKPOINT)
     buf = io.BytesIO()
     torch.save(dict(state), buf)
-    atomic_write_bytes(Path(folder) / CHECKPOINT, buf.getvalue())
+    atomic_write_bytes(folder / CHECKPOINT, buf.getvalue())
+
+
+def roll_back_checkpoint(folder: Path) -> None:
+    """Make checkpoint.prev.pt the run's checkpoint again, or, without one, start the run afresh (metric rows
+    beyond the checkpoint's epoch drop on resume)."""
+    folder = Path(folder)
+    if (folder / PREVIOUS_CHECKPOINT).exists():
+        os.replace(folder / PREVIOUS_CHECKPOINT, folder / CHECKPOINT)
+    else:
+        (folder / CHECKPOINT).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> Dict[str, object]:
@@ -128,9 +153,9 @@ def load_checkpoint(path: Path, map_location="cpu") -> Dict[str, object]:
         raise CorruptRunError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def checkpoint_epoch(folder: Path) -> int:
-    """The epoch a run folder's checkpoint was written after (0 without one)."""
-    path = Path(folder) / CHECKPOINT
+def checkpoint_epoch(folder: Path, previous: bool = False) -> int:
+    """The epoch a run folder's checkpoint (`previous`: checkpoint.prev.pt) was written after (0 without one)."""
+    path = Path(folder) / (PREVIOUS_CHECKPOINT if previous else CHECKPOINT)
     return int(load_checkpoint(path)["epoch"]) if path.exists() else 0
 
 

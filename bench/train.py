@@ -340,6 +340,7 @@ class Run:
         self.gen = torch.Generator().manual_seed(int(cfg["seed"]))
         self.start_epoch, self.step, self.rows, self.train_seconds, self.resumed_at = 0, 0, [], 0.0, []
         self.final_eval = None  # stays None when resuming a run whose last epoch was already checkpointed
+        self.keep_previous_checkpoint = False   # a pack keeps its members' previous checkpoints (store.save_checkpoint)
         store.write_config(self.folder, self.hashed_cfg)
 
     def resume(self, opt, sched) -> None:
@@ -407,7 +408,7 @@ class Run:
             store.save_checkpoint(self.folder, {
                 "model": model.state_dict(), **checkpoint_state(), "rng": _rng_state(self.gen),
                 "epoch": epoch + 1, "step": self.step, "train_seconds": train_seconds,
-                "resumed_at": self.resumed_at, "budget": self.budget})
+                "resumed_at": self.resumed_at, "budget": self.budget}, keep_previous=self.keep_previous_checkpoint)
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, row)
         if self.watchdog.update(train_acc, spe):
@@ -420,9 +421,11 @@ class Run:
         if budget is not None:
             budget = {**budget, "seconds_per_epoch_measured": self.train_seconds / max(1, self.epochs),
                       "train_seconds": self.train_seconds}
-        return finish_run(self.cfg, self.folder, self.model, self.method, self.data, self.train_seconds, self.device,
-                          self.resumed_at, self.final_eval, hashed_cfg=self.hashed_cfg, budget=budget, extra=extra,
-                          lower=lower)
+        result = finish_run(self.cfg, self.folder, self.model, self.method, self.data, self.train_seconds,
+                            self.device, self.resumed_at, self.final_eval, hashed_cfg=self.hashed_cfg, budget=budget,
+                            extra=extra, lower=lower)
+        (self.folder / store.PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+        return result
 
 
 def prepare_process(cfg: Mapping[str, object]) -> torch.device:

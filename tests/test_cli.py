@@ -87,20 +87,30 @@ def test_every_option_has_a_help_line():
     assert not missing, missing
 
 
-def test_an_exception_inside_a_run_is_one_line_with_the_traceback_in_the_run_log(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pack", ["1", None])
+def test_an_exception_inside_a_run_is_one_line_with_the_traceback_in_the_run_log(capsys, tmp_path, monkeypatch, pack):
+    # both paths: two runs alone (`--pack 1`, each its own failure) and the same two runs as one pack (one failure,
+    # the traceback in both members' logs)
+    import bench.pack
     import bench.train
 
     def broken(cfg, folder, on_epoch=None):
         folder.mkdir(parents=True, exist_ok=True)
         raise ZeroDivisionError("the loss divided by zero\nsecond line")
 
+    def broken_pack(*args, **kwargs):
+        raise ZeroDivisionError("the loss divided by zero\nsecond line")
+
     monkeypatch.setattr(bench.train, "train_run", broken)
+    monkeypatch.setattr(bench.pack, "train_run", broken)
+    monkeypatch.setattr(bench.pack, "_train_stacked", broken_pack)
     code = main(["run", "--method", "cll", "--arch", "moons-mlp", "--seeds", "2", "--quiet",
-                 "--results", str(tmp_path)])
+                 "--results", str(tmp_path)] + (["--pack", pack] if pack else []))
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert len(err.splitlines()) == 1
-    assert "ZeroDivisionError: the loss divided by zero" in err and "and 1 more run(s) failed" in err
+    assert "ZeroDivisionError: the loss divided by zero" in err
+    assert ("and 1 more run(s) failed" if pack == "1" else "pack of 2 runs") in err
     logs = sorted(tmp_path.rglob("run.log"))
     assert len(logs) == 2 and all("Traceback" in p.read_text() and "broken" in p.read_text() for p in logs)
     assert not list(tmp_path.rglob("result.json"))

@@ -146,3 +146,36 @@ def test_sigkill_of_a_pack_resumes_every_member(tmp_path):
             assert a[key] == b[key], key
         assert a["resumed_at_epochs"] == [] and len(b["resumed_at_epochs"]) == 1
         assert b["resumed_at_epochs"][0] % 3 == 0
+
+
+class _Killed(BaseException):
+    """SIGKILL's stand-in: nothing in the pack catches it."""
+
+
+def test_a_pack_killed_between_two_members_checkpoints_resumes_as_one_pack(tmp_path, monkeypatch):
+    # the race a SIGKILL hits at random: member 0 has written its epoch-6 checkpoint, the others still hold
+    # epoch 3's. The member ahead rolls back to its previous checkpoint and all three resume as one pack, bit for bit.
+    cfgs = [_moons("cll", s, epochs=9, checkpoint_every=3, eval_every=3) for s in (1, 2, 3)]
+    ref = train_pack(cfgs, [store.run_dir(tmp_path / "ref", c) for c in cfgs])
+    folders = [store.run_dir(tmp_path / "killed", c) for c in cfgs]
+    save, writes = store.save_checkpoint, []
+
+    def save_then_die(folder, state, keep_previous=False):
+        if state["epoch"] == 6 and writes:
+            raise _Killed
+        save(folder, state, keep_previous)
+        writes.extend([folder] if state["epoch"] == 6 else [])
+
+    monkeypatch.setattr(store, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_pack(cfgs, folders)
+    monkeypatch.setattr(store, "save_checkpoint", save)
+    assert sorted(store.checkpoint_epoch(f) for f in folders) == [3, 3, 6]
+    resumed = train_pack(cfgs, folders)
+    for a, b, folder in zip(ref, resumed, folders):
+        assert b["pack"]["members"] == 3 and b["resumed_at_epochs"] == [3]
+        for key in METRIC_KEYS:
+            assert a[key] == b[key], key
+        assert [r["loss"] for r in store.read_metrics(folder)] == \
+            [r["loss"] for r in store.read_metrics(store.run_dir(tmp_path / "ref", cfgs[folders.index(folder)]))]
+        assert not (folder / store.PREVIOUS_CHECKPOINT).exists()
