@@ -74,10 +74,12 @@ ENGINE_DEFAULTS: Dict[str, object] = {
     "eval_batch": 4096,
     "checkpoint_every": 1,
     "sync_every": 50,             # steps between host syncs for the non-finite-loss check
+    "pack_compile": "auto",       # a pack's step under torch.compile: auto (packs of >= 5,000 steps) | true | false
     "data_root": None,            # where datasets live (--data-root, then BENCH_DATA, then the user cache)
     "download": False,            # fetch a missing dataset through torchvision when the user asks
 }
-EXECUTION_KEYS = {"device", "threads", "eval_batch", "checkpoint_every", "data_root", "download", "sync_every"}
+EXECUTION_KEYS = {"device", "threads", "eval_batch", "checkpoint_every", "data_root", "download", "sync_every",
+                  "pack_compile"}
 NAME_KEYS = ("method", "arch", "dataset")
 SUITE_KEYS = {"name", "description", "seeds", "defaults", "cells", "grid", "paper", "table"}
 
@@ -146,6 +148,8 @@ def resolve(spec: Mapping[str, object]) -> Dict[str, object]:
         budget_seconds(cfg["budget"])   # checked here, before anything is written
     if cfg.get("amp") not in (None, "bf16"):
         raise ConfigError(f"amp must be bf16 or left unset, got {cfg['amp']!r}")
+    if cfg.get("pack_compile") not in ("auto", True, False):
+        raise ConfigError(f"pack_compile must be auto, true or false, got {cfg['pack_compile']!r}")
     return cfg
 
 

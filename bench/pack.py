@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -140,7 +142,7 @@ class Pack:
     """The stacked state of a pack's members: parameters (leaves the optimizer steps), buffers, the optimizer
     and lr schedule, and the copies between the stack and each member's own network."""
 
-    def __init__(self, runs: List[Run], power_iter: int):
+    def __init__(self, runs: List[Run], power_iter: int, compile: bool = False):
         self.runs = runs
         base = runs[0].model
         self.names = [n for n, _ in base.named_parameters()]
@@ -158,7 +160,6 @@ class Pack:
         cfg = runs[0].cfg
         self.opt = make_optimizer(cfg, holder)
         self.sched = make_lr_scheduler(cfg, self.opt, runs[0].steps_per_epoch)
-        self._batched = vmap(self._call)
         # members sorted by method configuration (train_pack): each loss group is a contiguous slice
         self.groups, lo = [], 0
         keys = [_method_key(r.cfg) for r in runs]
@@ -167,36 +168,67 @@ class Pack:
                 self.groups.append(_LossGroup(lo, m, runs[lo].method))
                 lo = m
         self.alive = torch.ones(len(runs), dtype=torch.bool, device=holder_device(holder))
+        self.float_keys: Optional[List[str]] = None
+        self.last_floats: Dict[str, torch.Tensor] = {}
+        self.compiled, self.compiled_steps = None, 0
+        if compile:
+            # inductor's CPU toolchain probe warns once per process that no CUDA runtime is found: not news here
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            torch._dynamo.reset()   # a worker's earlier pack: its graphs guard on another Pack
+            self.compiled = torch.compile(self._losses)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, progress: float, tally: "PackTally") -> None:
         """One optimizer step of every member on its own batch (x [M, B, ...], y [M, B]): the stacked forward
-        and training bound, each member's loss, their sum over the live members, backward, the update, the lr."""
-        logits, K_up, W = self.forward(x)
+        and training bound, each member's loss, their sum over the live members, backward, the update, the lr.
+        Compiled (`compile=True`), the step after the first runs as one graph with the progress as a tensor
+        input; the first, eager, names the logs that are Python numbers (kept at their last value, not summed)."""
+        if self.compiled is not None and self.float_keys is not None:
+            progress_t = torch.tensor(progress, dtype=torch.float64, device=x.device)
+            try:
+                loss, logits, logs = self.compiled(self.params, self.buffers, x, y, progress_t)
+            except Exception as e:  # noqa: BLE001  (no C++ compiler, an op inductor lacks: the eager step)
+                if self.compiled_steps:
+                    raise
+                print(f"lipbench: the pack's step did not compile ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it trains eagerly",
+                      file=sys.stderr)
+                self.compiled = None
+                return self.step(x, y, progress, tally)
+            self.compiled_steps += 1
+            self.last_floats = {k: logs.pop(k).detach() for k in self.float_keys}
+        else:
+            loss, logits, logs = self._losses(self.params, self.buffers, x, y, progress)
+            if self.float_keys is None:
+                self.float_keys = sorted(next(iter(self.groups)).floats)
+        tally.add(loss, logits, y, logs)
+        self.opt.zero_grad(set_to_none=True)
+        torch.where(self.alive, loss, torch.zeros_like(loss)).sum().backward()
+        self.opt.step()
+        self.sched.step()
+
+    def _losses(self, params, buffers, x, y, progress):
+        """(each member's loss [M], logits [M, B, N], tensor logs {name: [M]}): the stacked forward and training
+        bound, then each loss group's vmapped losses. A tensor `progress` (the compiled step) returns the
+        Python-number logs as tensors too."""
+        logits, K_up, *W = vmap(self._call)(params, buffers, x)
+        W = W[0] if W else None
         losses, logs = [], {}
         for g in self.groups:
             loss_g, logs_g = g(logits, y, K_up, W, progress)
             losses.append(loss_g)
             for k, v in logs_g.items():
                 logs.setdefault(k, []).append(v)
-        loss = torch.cat(losses)
-        tally.add(loss, logits, y, {k: torch.cat([p.reshape(len(p), -1)[:, 0] for p in parts])
-                                    for k, parts in logs.items()})
-        self.opt.zero_grad(set_to_none=True)
-        torch.where(self.alive, loss, torch.zeros_like(loss)).sum().backward()
-        self.opt.step()
-        self.sched.step()
+        return torch.cat(losses), logits, {k: torch.cat([p.reshape(len(p), -1)[:, 0] for p in parts])
+                                           for k, parts in logs.items()}
 
     def float_logs(self, m: int) -> Dict[str, float]:
         """Member m's Python-number logs (a schedule's value) of the last step, from its own loss group."""
+        if self.compiled is not None and self.compiled_steps:
+            return {k: float(v[m]) for k, v in self.last_floats.items()}
         return next(dict(g.floats) for g in self.groups if g.lo <= m < g.hi)
 
     def _call(self, params, buffers, x):
         return functional_call(self.step_module, (params, buffers), (x,))
-
-    def forward(self, x: torch.Tensor):
-        """(logits [M, B, N], K_up [M], W [M, N, h] or None) of every member on its own batch."""
-        out = self._batched(self.params, self.buffers, x)
-        return out[0], out[1], (out[2] if len(out) > 2 else None)
 
     @torch.no_grad()
     def to_member(self, m: int) -> None:
@@ -328,9 +360,11 @@ class _LossGroup:
         self.lo, self.hi, self.method = lo, hi, method
         self.floats: Dict[str, float] = {}
 
-    def __call__(self, logits, y, K_up, W, progress: float):
+    def __call__(self, logits, y, K_up, W, progress):
         def member(logits, y, K_up, W=None):
             loss, logs = self.method.loss(logits, y, PairwiseBound(K_up, W), progress)
+            if torch.is_tensor(progress):   # compiled: no side effects in the graph, every log an output
+                return loss, {k: torch.as_tensor(v, dtype=torch.float64) for k, v in logs.items()}
             self.floats.update({k: v for k, v in logs.items() if not torch.is_tensor(v)})
             return loss, {k: v for k, v in logs.items() if torch.is_tensor(v)}
 
@@ -395,6 +429,18 @@ def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
     return results
 
 
+#: a pack compiles its step (`pack_compile: auto`) when it has at least this many steps to go: compiling takes
+#: about a minute on one CPU core, and cuts a 12-member moons step from ~13 ms to ~3 ms (`bench perf`)
+PACK_COMPILE_MIN_STEPS = 5_000
+
+
+def compile_pack(cfg: Mapping[str, object], run: Run) -> bool:
+    setting = cfg.get("pack_compile", "auto")
+    if setting != "auto":
+        return bool(setting)
+    return (run.epochs - run.start_epoch) * run.steps_per_epoch >= PACK_COMPILE_MIN_STEPS
+
+
 def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[int], device: torch.device,
                    results: List[Optional[Dict[str, object]]], report) -> None:
     """The packed loop: `runs` (in stack order; `index[m]` is member m's position in `results`) resumed, stacked,
@@ -407,7 +453,7 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
         r.resume(None, None)
         rng[m] = global_rng_state()
         r.model.train()
-    pack = Pack(runs, int(cfg0["power_iter"]))
+    pack = Pack(runs, int(cfg0["power_iter"]), compile=compile_pack(cfg0, runs[0]))
     pack.step_module.train()
     if runs[0].checkpoint is not None:
         pack.load_member_states([r.checkpoint["optimizer"] for r in runs], runs[0].checkpoint["scheduler"])

@@ -9,13 +9,22 @@ Any of them takes `until: u` ∈ (0, 1]: it reaches its end at progress u and ho
 linear 0.5 → 20 reached at epoch 400 of 800, is {schedule: linear, start: 0.5, end: 20, until: 0.5}), and
 `after: a` ∈ [0, u): it holds its start until progress a (Local-Lip-B's warm-up: ε = 0 for 20 of 800 epochs, then
 a linear ramp, is {schedule: linear, start: 0, end: ε, after: 20/800, until: 419/800}).
+
+Progress is a Python float, or a 0-d tensor where a compiled packed step (bench/pack.py) passes it as an input so
+that one graph serves every step; a float gives a float, computed exactly as before.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Mapping, Union
 
+import torch
+
 Value = Union[float, int, Mapping]
+
+
+def _clamp(t, lo: float, hi: float):
+    return t.clamp(lo, hi) if torch.is_tensor(t) else min(max(t, lo), hi)
 
 
 def _poly(start, end, power=1.0):
@@ -23,12 +32,13 @@ def _poly(start, end, power=1.0):
 
 
 def _log(start, end):
-    return lambda t: math.log((math.exp(end) - math.exp(start)) * t + math.exp(start))
+    return lambda t: (torch.log if torch.is_tensor(t) else math.log)((math.exp(end) - math.exp(start)) * t
+                                                                    + math.exp(start))
 
 
 def _log_half(start, end):
     inner = _log(start, end)
-    return lambda t: inner(min(1.0, 2.0 * t))
+    return lambda t: inner(_clamp(2.0 * t, -math.inf, 1.0))
 
 
 def _linear(start, end):
@@ -58,7 +68,7 @@ def make_schedule(value: Value) -> Callable[[float], float]:
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad arguments for schedule {kind!r}: {sorted(spec)}") from e
         until, after = float(until), float(after)
-        return lambda t: fn(min(max((t - after) / (until - after), 0.0), 1.0))
+        return lambda t: fn(_clamp((t - after) / (until - after), 0.0, 1.0))
     raise ValueError(f"expected a number or a schedule mapping, got {value!r}")
 
 

@@ -42,12 +42,14 @@ from bench.schedules import final_value, make_schedule
 
 
 def logit(y: float) -> float:
-    return math.log(y / (1.0 - y))
+    return torch.log(y / (1.0 - y)) if torch.is_tensor(y) else math.log(y / (1.0 - y))
 
 
 def calibrated_sigma(eps: float, p: float) -> float:
-    """σ_ε(p) = 2ε / (logit(1 − p/2) − logit(p/2)), computed in float64 (the official code's `(1−q)+q/2`)."""
-    if not 0.0 < p < 1.0:
+    """σ_ε(p) = 2ε / (logit(1 − p/2) − logit(p/2)), computed in float64 (the official code's `(1−q)+q/2`). A
+    0-d float64 tensor p (a compiled packed step's schedule value) gives a tensor, unchecked: the schedule's ends
+    are checked when the method is built."""
+    if not torch.is_tensor(p) and not 0.0 < p < 1.0:
         raise ValueError(f"CLL slack p must lie in (0, 1), got {p}")
     Q = logit((1.0 - p) + p / 2.0) - logit(p / 2.0)
     return 2.0 * eps / Q
@@ -71,7 +73,10 @@ def cll_logits(logits: torch.Tensor, y: torch.Tensor, bound: PairwiseBound, eps:
         raise ValueError(f"unknown CLL normalization {normalization!r}; use 'pairwise' or 'per_logit'")
     at_label = torch.zeros_like(z, dtype=torch.bool).scatter(1, y[:, None], True)
     label_offset = 0.0 if one_sided else -delta / sigma
-    offset = torch.where(at_label, torch.full_like(z, label_offset), torch.full_like(z, delta / sigma))
+    if torch.is_tensor(sigma):
+        offset = torch.where(at_label, label_offset, delta / sigma).to(z.dtype)
+    else:
+        offset = torch.where(at_label, torch.full_like(z, label_offset), torch.full_like(z, delta / sigma))
     return z + offset
 
 
@@ -198,7 +203,8 @@ class CLL(Method):
         self.lam = float(cfg["lam"])
         self.one_sided = bool(cfg["one_sided"])
         self.normalization = str(cfg["normalization"])
-        calibrated_sigma(self.eps, final_value(cfg["p"]))  # validate p early
+        for t in (0.0, 1.0):   # validate p early, at both ends of its schedule
+            calibrated_sigma(self.eps, self.p(t))
 
     def loss(self, logits, y, bound, progress):
         p, beta = self.p(progress), self.beta(progress)

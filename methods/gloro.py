@@ -106,13 +106,15 @@ class GloRo(Method):
         self.eps = float(cfg["eps"])
         self.eps_at = _eps_schedule(str(cfg["eps_schedule"]), self.eps, float(cfg["eps_schedule_power"]))
         self.trades = make_schedule(cfg["trades_lambda"])
+        # TRADES is on unless λ_T is the constant 0, decided once: no branch on a schedule value in the step
+        self.trades_on = cfg["trades_lambda"] != 0
         self.extremal_pair_grad = bool(cfg.get("extremal_pair_grad"))
 
     def loss(self, logits, y, bound, progress):
         eps = self.eps_at(progress)
         log_probs = gloro_log_probs(logits, bound, eps, self.num_classes, self.extremal_pair_grad)
         lam_t = self.trades(progress)
-        if lam_t > 0:
+        if self.trades_on:   # (at a schedule's λ_T = 0 this is the plain loss plus 0·TRADES)
             nll = F.nll_loss(log_probs[:, :-1], y)
             target = torch.cat([F.softmax(logits, dim=1), torch.zeros_like(logits[:, :1])], dim=1).detach()
             loss = nll + lam_t * (-(target * log_probs).sum(dim=1)).mean()

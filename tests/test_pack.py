@@ -179,3 +179,24 @@ def test_a_pack_killed_between_two_members_checkpoints_resumes_as_one_pack(tmp_p
         assert [r["loss"] for r in store.read_metrics(folder)] == \
             [r["loss"] for r in store.read_metrics(store.run_dir(tmp_path / "ref", cfgs[folders.index(folder)]))]
         assert not (folder / store.PREVIOUS_CHECKPOINT).exists()
+
+
+def test_a_compiled_pack_trains_as_its_members_would_alone(tmp_path):
+    # `pack_compile: true`: the step after the first is one inductor graph with the progress as a tensor input
+    # (CLL's p schedule changes at every step and must not recompile it). Compiled kernels reassociate too:
+    # the members stay the runs they would be alone, eager and unpacked, to 1e-5.
+    cfgs = [_moons("cll", seed, eps=eps, epochs=5, pack_compile=True) for eps in (0.1, 0.15) for seed in (1, 2)]
+    folders = [store.run_dir(tmp_path / "pack", c) for c in cfgs]
+    packed = train_pack(cfgs, folders)
+    for cfg, folder, result in zip(cfgs, folders, packed):
+        alone = train_run(cfg, store.run_dir(tmp_path / "alone", cfg))
+        _assert_same_run(folder, store.run_dir(tmp_path / "alone", cfg), result, alone)
+        rows = store.read_metrics(folder)
+        alone_rows = store.read_metrics(store.run_dir(tmp_path / "alone", cfg))
+        assert [float(r["p"]) for r in rows] == pytest.approx([float(r["p"]) for r in alone_rows], rel=1e-12)
+
+
+def test_pack_compile_is_checked_and_leaves_the_hash_alone():
+    assert store.config_hash(_moons(pack_compile=True)) == store.config_hash(_moons())
+    with pytest.raises(ValueError, match="pack_compile must be auto, true or false"):
+        _moons(pack_compile="yes")
