@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -272,20 +273,30 @@ def lower_bound_pairs(x: torch.Tensor, pairs: int, generator: Optional[torch.Gen
         yield tuple((to_input(v) if to_input is not None else v) for v in (a, b))
 
 
+def _pair_quotients(forward, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """max_i |(f_j − f_i)(a) − (f_j − f_i)(b)| / ‖a − b‖₂ per pair, [M, P] (0 where a = b)."""
+    fa, fb = forward(a), forward(b)
+    j = fa.detach().argmax(dim=-1, keepdim=True)
+    diff = (fa.gather(-1, j) - fa) - (fb.gather(-1, j) - fb)
+    dist = torch.linalg.vector_norm((a - b).flatten(2), dim=-1)
+    q = diff.abs().amax(dim=-1) / dist.clamp_min(1e-12)
+    return torch.where(dist > 0, q, torch.zeros_like(q))
+
+
 def pair_ascent(forward, a: torch.Tensor, b: torch.Tensor, steps: int, lr: float,
-                domain: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+                domain: Optional[Tuple[float, float]] = None, compile: bool = False) -> torch.Tensor:
     """`lower_bound`'s Adam ascent for a stack of M networks at once: `forward` maps points [M, P, ...] to logits
-    [M, P, N] (network m on its own points); returns the best quotient per network, [M]."""
+    [M, P, N] (network m on its own points); returns the best quotient per network, [M]. `compile`: the
+    quotients and their gradient as one inductor graph (a compiled pack's 1,000 ascent steps; it is an
+    empirical lower bound, never a certificate, so compiled rounding is harmless)."""
     a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
     opt = torch.optim.Adam([a, b], lr=lr)
     best = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    quotients = functools.partial(_pair_quotients, forward)
+    if compile:
+        quotients = torch.compile(quotients)
     for step in range(steps + 1):
-        fa, fb = forward(a), forward(b)
-        j = fa.detach().argmax(dim=-1, keepdim=True)
-        diff = (fa.gather(-1, j) - fa) - (fb.gather(-1, j) - fb)
-        dist = torch.linalg.vector_norm((a - b).flatten(2), dim=-1)
-        q = diff.abs().amax(dim=-1) / dist.clamp_min(1e-12)
-        q = torch.where(dist > 0, q, torch.zeros_like(q))
+        q = quotients(a, b)
         best = torch.maximum(best, q.detach().amax(dim=-1).double())
         if step == steps:
             break

@@ -22,6 +22,10 @@ every member, and a member can resume unpacked or in another pack. A member whos
 whose training accuracy sits at chance, is recorded as diverged and masked out of the summed loss (a member's
 gradient never mixes with another's); the others go on.
 
+A long pack compiles its step (`pack_compile`, `compile_pack`): forward, training bound and every member's loss
+as one inductor graph, the progress a tensor input (bench/schedules.py takes tensors) so the graph serves every
+step; the first step runs eagerly and names the logs that are Python numbers (kept at their last value).
+
 Packing is for the networks whose layers vmap cleanly: the plain Table B2 nets (power-iterated linear and conv
 layers, MaxMin, ReLU) with a global bound. Other families, input-aware networks, budgeted runs (each plans its
 own epochs) and compiled runs train unpacked, one after another, in the same call.
@@ -29,6 +33,7 @@ own epochs) and compiled runs train unpacked, one after another, in the same cal
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -286,11 +291,17 @@ class Pack:
         buffers = {k[len("net."):]: v[rows] for k, v in self.buffers.items()}
         net = self.step_module.net
         forward = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)))
+        ascent = functools.partial(certify.pair_ascent, lambda x: forward(params, buffers, x),
+                                   torch.stack([a for a, _ in starts]), torch.stack([b for _, b in starts]), steps,
+                                   float(run0.cfg["lower_bound_lr"]), run0.data.domain)
         net.eval()
         try:
-            best = certify.pair_ascent(lambda x: forward(params, buffers, x), torch.stack([a for a, _ in starts]),
-                                       torch.stack([b for _, b in starts]), steps, float(run0.cfg["lower_bound_lr"]),
-                                       run0.data.domain)
+            try:
+                best = ascent(compile=self.compiled is not None)
+            except Exception:  # noqa: BLE001  (inductor failed on the ascent: the eager one, from the same start)
+                if self.compiled is None:
+                    raise
+                best = ascent(compile=False)
         finally:
             net.train()
         return dict(zip(members, best.tolist()))

@@ -200,3 +200,18 @@ def test_pack_compile_is_checked_and_leaves_the_hash_alone():
     assert store.config_hash(_moons(pack_compile=True)) == store.config_hash(_moons())
     with pytest.raises(ValueError, match="pack_compile must be auto, true or false"):
         _moons(pack_compile="yes")
+
+
+def test_a_pack_whose_step_cannot_compile_trains_eagerly(tmp_path, monkeypatch, capsys):
+    # a machine without a C++ compiler (inductor's CPU backend needs one): one line on stderr, the eager step
+    def no_compiler(fn, *args, **kwargs):
+        def failing(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler found\nmore")
+        return failing
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    cfgs = [_moons("cll", s, epochs=2, pack_compile=True) for s in (1, 2)]
+    results = train_pack(cfgs, [store.run_dir(tmp_path, c) for c in cfgs])
+    assert [r["status"] for r in results] == ["complete", "complete"]
+    err = capsys.readouterr().err
+    assert "did not compile (RuntimeError: InductorError: no working C++ compiler found); it trains eagerly" in err
