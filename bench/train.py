@@ -264,7 +264,8 @@ def plan_budget(cfg: Mapping[str, object], data: DataBundle, model, device: torc
     """Epochs that fill a wall-clock training budget (Prach et al., CVPR 2024: equal compute, not equal epochs).
     Training steps are timed on a copy of the network and optimizer (the run itself is untouched), after
     `BUDGET_WARMUP_STEPS`, over at least `BUDGET_MIN_STEPS` steps and `BUDGET_MIN_SECONDS`; then the epoch-end
-    convergence, warm-started after a first one and `BUDGET_MIN_STEPS` more steps. epochs = round(budget / (steps per epoch × step time + convergence time)), at least 1."""
+    convergence, warm-started after a first one and `BUDGET_MIN_STEPS` more steps.
+    epochs = round(budget / (steps per epoch × step time + convergence time)), at least 1."""
     seconds = budget_seconds(cfg["budget"])
     probe = copy.deepcopy(model)
     probe.train()

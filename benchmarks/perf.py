@@ -109,8 +109,9 @@ def pack_throughput(arch: str, dataset: str, members: int, steps: int, device: t
                     data_root: Optional[str], compile: bool = False) -> Dict:
     """Packed against unpacked CLL training (bench/pack.py): seconds per step of `members` runs stacked in one
     step (`compile`: the compiled pack step, as `pack_compile` gives long packs; its compilation is left out of
-    the timing, among the warm-up steps), and of one run alone (eager); the epoch-end convergence of all members at once and of one; and the runs per
-    hour both give over the dataset's protocol (its epochs × steps per epoch of the full training set)."""
+    the timing, among the warm-up steps), and of one run alone (eager); the epoch-end convergence of all members
+    at once and of one; and the runs per hour both give over the dataset's protocol (its epochs × steps per
+    epoch of the full training set)."""
     import copy
 
     import methods  # noqa: F401
@@ -265,7 +266,8 @@ def pack_lines(sizes: List[int], steps: int, device: torch.device, data_root: Op
         for k in sizes:
             r = pack_throughput(arch, dataset, k, steps, device, data_root, compile)
             last = r if dataset == "cifar10" else last
-            lines.append(_row([f"packed K = {k}{' (compiled)' if compile else ''}, CLL {arch} on {dataset}", f"{r['runs_per_hour_packed']:.2f} runs/h",
+            label = f"packed K = {k}{' (compiled)' if compile else ''}, CLL {arch} on {dataset}"
+            lines.append(_row([label, f"{r['runs_per_hour_packed']:.2f} runs/h",
                                f"unpacked {r['runs_per_hour_alone']:.2f} runs/h "
                                f"(×{r['runs_per_hour_packed'] / r['runs_per_hour_alone']:.2f}); step "
                                f"{r['pack_step'] * 1e3:.1f} ms for {k} vs {r['alone_step'] * 1e3:.1f} ms for one; "

@@ -73,10 +73,9 @@ def cll_logits(logits: torch.Tensor, y: torch.Tensor, bound: PairwiseBound, eps:
         raise ValueError(f"unknown CLL normalization {normalization!r}; use 'pairwise' or 'per_logit'")
     at_label = torch.zeros_like(z, dtype=torch.bool).scatter(1, y[:, None], True)
     label_offset = 0.0 if one_sided else -delta / sigma
-    if torch.is_tensor(sigma):
-        offset = torch.where(at_label, label_offset, delta / sigma).to(z.dtype)
-    else:
-        offset = torch.where(at_label, torch.full_like(z, label_offset), torch.full_like(z, delta / sigma))
+    # 0-d in z's dtype whether σ is a float or a tensor (a compiled pack's scheduled p)
+    offset = torch.where(at_label, torch.as_tensor(label_offset, dtype=z.dtype, device=z.device),
+                         torch.as_tensor(delta / sigma, dtype=z.dtype, device=z.device))
     return z + offset
 
 
