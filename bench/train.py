@@ -173,7 +173,7 @@ def global_rng_state() -> Dict[str, object]:
 def set_global_rng_state(state: Mapping[str, object]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    random.setstate((3, tuple(state["python"].tolist()), None))   # tolist: iterating a tensor is ~100× slower
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

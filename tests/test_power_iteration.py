@@ -183,3 +183,24 @@ def test_training_bound_carries_gradient_to_the_weight():
     sigma = layer.train_bound(5)
     sigma.backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_small_dense_layers_converge_to_the_exact_top_singular_pair_with_the_iterates_sign():
+    """`LipLinear._exact_top`: σ₁ and v₁ from eigh of the smaller Gram matrix, for wide, tall and square stacks,
+    including a near-degenerate top pair (gap 1e-6); v₁'s sign follows the warm iterate."""
+    gen = torch.Generator().manual_seed(3)
+    for out_f, in_f in [(10, 2), (40, 40), (2, 10), (300, 200)]:
+        layer = LipLinear(in_f, out_f)
+        layer(torch.randn(1, in_f))
+        W = torch.randn(4, out_f, in_f, generator=gen, dtype=torch.float64)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        S[:, 1] = S[:, 0] * (1 - 1e-6)
+        W = U @ torch.diag_embed(S) @ Vh
+        V = torch.randn(4, in_f, generator=gen, dtype=torch.float64)
+        sigma, X = layer.stacked_power_iteration(W, V)
+        exact = torch.linalg.matrix_norm(W, 2)
+        assert torch.allclose(torch.tensor(sigma, dtype=torch.float64), exact, rtol=1e-13, atol=0)
+        assert torch.allclose(torch.linalg.vector_norm(X, dim=-1), torch.ones(4, dtype=torch.float64))
+        assert torch.allclose(torch.linalg.vector_norm(X[:, None, :] @ W.transpose(-1, -2), dim=-1)[:, 0], exact,
+                              rtol=1e-6)
+        assert bool(((X * V).sum(-1) >= 0).all())
