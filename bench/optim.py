@@ -15,8 +15,9 @@ ahead: its peak comes an epoch early and its last epoch runs at lr 0. lipbench e
 """
 from __future__ import annotations
 
+import bisect
 import math
-from typing import List, Mapping
+from typing import Callable, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -48,19 +49,34 @@ def make_optimizer(cfg: Mapping[str, object], model: torch.nn.Module) -> torch.o
     raise ValueError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
 
 
-def make_lr_scheduler(cfg: Mapping[str, object], opt: torch.optim.Optimizer, steps_per_epoch: int):
+def make_lr_scheduler(cfg: Mapping[str, object], opt: torch.optim.Optimizer, steps_per_epoch: int,
+                      virtual_step: Optional[Callable[[], float]] = None):
+    """The run's lr schedule, stepped once per iteration. With `virtual_step` (a budgeted run, whose epoch count
+    is re-planned as it trains) the factor is read at step `virtual_step()` of the schedule `cfg` describes
+    (progress × its steps) instead of at the scheduler's own count."""
+    if virtual_step is not None:
+        factor = lr_factor(cfg, steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(int(math.floor(virtual_step() + 0.5))))
+    if str(cfg.get("lr_schedule", "step")) == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(cfg, steps_per_epoch), float(cfg["lr_gamma"]))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
+
+
+def lr_factor(cfg: Mapping[str, object], steps_per_epoch: int) -> Callable[[int], float]:
+    """The lr factor after k iterations of the schedule `make_lr_scheduler` builds for `cfg` (MultiStepLR's
+    γ^#{milestones ≤ k}, or the LambdaLR's factor)."""
     kind = str(cfg.get("lr_schedule", "step"))
     if kind == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(cfg, steps_per_epoch), float(cfg["lr_gamma"]))
+        milestones, gamma = lr_milestones(cfg, steps_per_epoch), float(cfg["lr_gamma"])
+        return lambda k: gamma ** bisect.bisect_right(milestones, k)
     if kind == "triangular":
         total = max(1, int(cfg["epochs"]) * steps_per_epoch)
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: triangular_factor(k + 1, total))
+        return lambda k: triangular_factor(k + 1, total)
     if kind == "exp":
         epochs = int(cfg["epochs"])
         more = lr_scaled_epochs(cfg, float(cfg["lr_more"]))
         ratio = float(cfg["lr_end"]) / float(cfg["lr"])
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: exp_tail_factor(k // max(1, steps_per_epoch), epochs, more, ratio))
+        return lambda k: exp_tail_factor(k // max(1, steps_per_epoch), epochs, more, ratio)
     raise ValueError(f"unknown lr_schedule {kind!r}; use 'step', 'triangular' or 'exp'")
 
 

@@ -237,7 +237,8 @@ def training_batch(data: DataBundle, cfg: Mapping[str, object], idx: torch.Tenso
 def train_step(model, forward, method, opt, sched, xb, yb, progress: float, power_iter: int,
                tally: EpochTally) -> None:
     """One optimizer step: forward, the bound at this batch and the method's ε (input-aware nets; global ones
-    ignore both), the loss, backward, the update, the constraint projection (Local-Lip-B's θ ≥ 0) and the lr."""
+    ignore both), the loss, backward, the update, the constraint projection (Local-Lip-B's θ ≥ 0) and the lr
+    (`sched` None: the caller steps it)."""
     logits = forward(xb)
     bound = model.bound(x=xb, eps=method.bound_eps(progress), n_iter=power_iter)
     loss, logs = method.loss(logits, yb, bound, progress)
@@ -265,7 +266,8 @@ def plan_budget(cfg: Mapping[str, object], data: DataBundle, model, device: torc
     Training steps are timed on a copy of the network and optimizer (the run itself is untouched), after
     `BUDGET_WARMUP_STEPS`, over at least `BUDGET_MIN_STEPS` steps and `BUDGET_MIN_SECONDS`; then the epoch-end
     convergence, warm-started after a first one and `BUDGET_MIN_STEPS` more steps.
-    epochs = round(budget / (steps per epoch × step time + convergence time)), at least 1."""
+    epochs = round(budget / (steps per epoch × step time + convergence time)), at least 1: the first plan, which
+    `Run.replan` corrects from the measured epochs as the run trains."""
     seconds = budget_seconds(cfg["budget"])
     probe = copy.deepcopy(model)
     probe.train()
@@ -308,8 +310,26 @@ def plan_budget(cfg: Mapping[str, object], data: DataBundle, model, device: torc
     per_epoch = steps_per_epoch * step_seconds + converge_seconds
     epochs = max(1, int(round(seconds / per_epoch)))
     del probe, opt
-    return {"seconds": seconds, "epochs": epochs, "seconds_per_epoch_planned": per_epoch,
-            "step_seconds": step_seconds, "probe_steps": timed}
+    return {"seconds": seconds, "epochs": epochs, "epochs_planned": epochs, "seconds_per_epoch_planned": per_epoch,
+            "step_seconds": step_seconds, "probe_steps": timed, "replans": 0}
+
+
+#: a budgeted run re-plans its remaining epochs from the measured seconds of (at most) its last this many epochs
+REPLAN_WINDOW = 5
+
+
+def replanned_epochs(epoch: int, budget_seconds_: float, rows, train_seconds: float) -> int:
+    """The epoch count that fills the budget, re-planned before epoch `epoch` (0-based; `rows` the metrics of the
+    epochs before it, with their cumulative training seconds): the epochs done, plus the rest of the budget over
+    the measured seconds per epoch of the last `REPLAN_WINDOW` epochs, rounded, and at least one more (the schedules
+    reach their end only with a last epoch)."""
+    done = [float(r["train_seconds"]) for r in rows[-(REPLAN_WINDOW + 1):]]
+    if len(rows) > REPLAN_WINDOW:
+        per_epoch = (done[-1] - done[0]) / REPLAN_WINDOW
+    else:
+        per_epoch = done[-1] / len(rows)
+    left = (budget_seconds_ - train_seconds) / per_epoch if per_epoch > 0 else 1.0
+    return epoch + max(1, int(round(left)))
 
 
 def steps_per_epoch(cfg: Mapping[str, object], n: int) -> int:
@@ -335,17 +355,22 @@ class Run:
         self.steps_per_epoch = steps_per_epoch(cfg, n)
         self.checkpoint = store.load_checkpoint(self.folder / store.CHECKPOINT, map_location=device) \
             if (self.folder / store.CHECKPOINT).exists() else None
+        # the config the schedules follow: a budgeted run's is its first plan, whose fractions of training they keep
+        self.schedule_cfg = cfg
         if cfg.get("budget") is not None and budget_probe:
-            # a budgeted run trains for the epochs its budget buys, planned once and kept in the checkpoint
-            self.budget = (self.checkpoint or {}).get("budget") or plan_budget(cfg, self.data, self.model, device,
-                                                                              self.steps_per_epoch)
+            # a budgeted run trains for the epochs its budget buys: planned from timed steps, re-planned before
+            # every epoch from the measured ones (`replan`), the plan kept in the checkpoint
+            self.budget = dict((self.checkpoint or {}).get("budget") or plan_budget(
+                cfg, self.data, self.model, device, self.steps_per_epoch))
+            self.schedule_cfg = {**cfg, "epochs": int(self.budget.get("epochs_planned", self.budget["epochs"]))}
             cfg = {**cfg, "epochs": int(self.budget["epochs"])}
         self.cfg = cfg
-        self.method = METHODS.get(str(cfg["method"]))(cfg, self.data.num_classes)
+        self.method = METHODS.get(str(cfg["method"]))(self.schedule_cfg, self.data.num_classes)
         self.epochs = int(cfg["epochs"])
         self.total_steps = max(1, self.epochs * self.steps_per_epoch)
         self.gen = torch.Generator().manual_seed(int(cfg["seed"]))
         self.start_epoch, self.step, self.rows, self.train_seconds, self.resumed_at = 0, 0, [], 0.0, []
+        self._progress = 0.0   # a budgeted run's training progress (`progress`)
         self.final_eval = None  # stays None when resuming a run whose last epoch was already checkpointed
         self.keep_previous_checkpoint = False   # a pack keeps its members' previous checkpoints (store.save_checkpoint)
         store.write_config(self.folder, self.hashed_cfg)
@@ -361,6 +386,7 @@ class Run:
                 sched.load_state_dict(state["scheduler"])
             _set_rng_state(self.gen, state["rng"])
             self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+            self._progress = float(state.get("progress", self.step / self.total_steps))
             self.train_seconds = float(state["train_seconds"])
             self.resumed_at = [int(e) for e in state.get("resumed_at", [])] + [self.start_epoch]
             self.rows = store.read_metrics(self.folder)[:self.start_epoch]
@@ -370,6 +396,39 @@ class Run:
                                            int(float(cfg["chance_min_fraction"]) * self.total_steps)))
         for row in self.rows:
             self.watchdog.update(float(row.get("train_acc", 1.0)), self.steps_per_epoch)
+
+    @property
+    def progress(self) -> float:
+        """Training progress t/T ∈ [0, 1] at the next step, which the schedules read. A budgeted run's epoch count
+        can change as it trains: its progress advances by (1 − t/T)/(steps left) per step, which is step/total
+        while the plan holds and still ends at 1 when it changes."""
+        return self._progress if self.budget is not None else self.step / self.total_steps
+
+    def advance(self) -> None:
+        """One step done."""
+        if self.budget is not None:
+            self._progress += (1.0 - self._progress) / max(1, self.total_steps - self.step)
+        self.step += 1
+
+    def lr_scheduler(self, opt):
+        """The lr schedule; a budgeted run's follows its progress through the schedule of its first plan."""
+        virtual = None
+        if self.budget is not None:
+            steps = int(self.schedule_cfg["epochs"]) * self.steps_per_epoch
+            virtual = lambda: self._progress * steps   # noqa: E731
+        return make_lr_scheduler(self.schedule_cfg, opt, self.steps_per_epoch, virtual)
+
+    def replan(self, epoch: int) -> None:
+        """Before epoch `epoch` of a budgeted run: the epochs that fill the rest of its budget at the measured
+        pace (`replanned_epochs`). A step time drifts over a run (caches, other load, the epoch ends' work), which a
+        plan from a few timed steps cannot know."""
+        if self.budget is None or epoch == 0 or not self.rows:
+            return
+        epochs = replanned_epochs(epoch, float(self.budget["seconds"]), self.rows, self.train_seconds)
+        if epochs != self.epochs:
+            self.epochs, self.total_steps = epochs, max(1, epochs * self.steps_per_epoch)
+            self.cfg = {**self.cfg, "epochs": epochs}
+            self.budget.update(epochs=epochs, replans=int(self.budget.get("replans", 0)) + 1)
 
     def batch(self, it: int, perm: torch.Tensor):
         bs = int(self.cfg["batch_size"])
@@ -414,7 +473,7 @@ class Run:
             store.write_metrics(self.folder, self.rows)
             store.save_checkpoint(self.folder, {
                 "model": model.state_dict(), **checkpoint_state(), "rng": _rng_state(self.gen),
-                "epoch": epoch + 1, "step": self.step, "train_seconds": train_seconds,
+                "epoch": epoch + 1, "step": self.step, "progress": self._progress, "train_seconds": train_seconds,
                 "resumed_at": self.resumed_at, "budget": self.budget}, keep_previous=self.keep_previous_checkpoint)
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, row)
@@ -427,7 +486,8 @@ class Run:
         budget = self.budget
         if budget is not None:
             budget = {**budget, "seconds_per_epoch_measured": self.train_seconds / max(1, self.epochs),
-                      "train_seconds": self.train_seconds}
+                      "train_seconds": self.train_seconds,
+                      "measured_over_budget": round(self.train_seconds / float(budget["seconds"]), 4)}
         result = finish_run(self.cfg, self.folder, self.model, self.method, self.data, self.train_seconds,
                             self.device, self.resumed_at, self.final_eval, hashed_cfg=self.hashed_cfg, budget=budget,
                             extra=extra, lower=lower)
@@ -453,27 +513,31 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
     device = run.device
     cfg, model, method = run.cfg, run.model, run.method
     opt = make_optimizer(cfg, model)
-    sched = make_lr_scheduler(cfg, opt, run.steps_per_epoch)
+    sched = run.lr_scheduler(opt)
     forward = training_forward(model, cfg, device)
     power_iter = int(cfg["power_iter"])
     sync_every = max(1, int(cfg["sync_every"]))
     run.resume(opt, sched)
     model.train()
-    for epoch in range(run.start_epoch, run.epochs):
+    epoch = run.start_epoch
+    while epoch < run.epochs:   # a budgeted run's epoch count can change before each epoch (`Run.replan`)
+        run.replan(epoch)
         t0, before = time.perf_counter(), run.train_seconds
         perm = run.epoch_order()
         tally = EpochTally(device)
         for it in range(run.steps_per_epoch):
             xb, yb = run.batch(it, perm)
-            train_step(model, forward, method, opt, sched, xb, yb, run.step / run.total_steps, power_iter, tally)
+            train_step(model, forward, method, opt, None, xb, yb, run.progress, power_iter, tally)
+            run.advance()
+            sched.step()
             # a host sync every `sync_every` steps (and at epoch end) instead of one per step
-            if (run.step + 1) % sync_every == 0 and not torch.isfinite(tally.loss):
-                raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {run.step + 1}",
+            if run.step % sync_every == 0 and not torch.isfinite(tally.loss):
+                raise DivergedError(f"non-finite loss at epoch {epoch + 1}, step {run.step}",
                                     run.train_seconds + time.perf_counter() - t0)
-            run.step += 1
         run.end_epoch(epoch, float(tally.loss), int(tally.correct), tally.row(run.steps_per_epoch),
                       opt.param_groups[0]["lr"], lambda: before + time.perf_counter() - t0,
                       lambda: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, on_epoch)
+        epoch += 1
     return run.finish()
 
 

@@ -2,10 +2,10 @@
 
     python benchmarks/budget.py [--method cll] [--arch moons-mlp] [--budget 60s] [--seeds 1] [--device cpu]
 
-Trains each seed with `budget:` set (the epochs come from timed steps on a copy of the network, bench/train.py
-`plan_budget`) and prints the planned epochs, the planned and measured seconds per epoch and the measured training
-time against the budget. Run it on an otherwise idle machine: other load changes the step time after it was
-measured.
+Trains each seed with `budget:` set (a first plan of epochs from timed steps on a copy of the network, bench/train.py
+`plan_budget`, re-planned before every epoch by `Run.replan`) and prints the first plan's and the final epochs,
+the re-plans, the planned and measured seconds per epoch and the measured training time against the budget. Load
+from other jobs slows the steps; the re-plans follow it.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--train-subset", type=int, default=None)
     args = ap.parse_args(argv)
-    print(f"{'seed':>4} {'epochs':>7} {'s/epoch planned':>16} {'s/epoch measured':>17} {'train s':>9} "
+    print(f"{'seed':>4} {'planned':>7} {'epochs':>7} {'re-plans':>8} {'s/epoch planned':>16} {'s/epoch measured':>17} {'train s':>9} "
           f"{'budget s':>9} {'measured/budget':>16}")
     for seed in range(1, args.seeds + 1):
         spec = {"method": args.method, "arch": args.arch, "budget": args.budget, "device": args.device,
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             r = train_run(cfg, Path(d))
         b = r["budget"]
-        print(f"{seed:>4} {r['epochs']:>7} {b['seconds_per_epoch_planned']:>16.4f} "
+        print(f"{seed:>4} {b['epochs_planned']:>7} {r['epochs']:>7} {b['replans']:>8} "
+              f"{b['seconds_per_epoch_planned']:>16.4f} "
               f"{b['seconds_per_epoch_measured']:>17.4f} {r['train_seconds']:>9.1f} {budget_seconds(args.budget):>9.1f} "
               f"{r['train_seconds'] / budget_seconds(args.budget):>16.3f}")
     return 0

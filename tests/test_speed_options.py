@@ -69,6 +69,41 @@ def test_budgeted_run_plans_its_epochs_records_compute_and_resumes_with_the_same
         b["seconds_per_epoch_planned"]
 
 
+def test_replanning_fills_the_rest_of_the_budget_at_the_measured_pace():
+    from bench.train import REPLAN_WINDOW, replanned_epochs
+    rows = [{"train_seconds": str(float(k))} for k in range(1, 4)]           # 1 s per epoch so far, as CSV strings
+    assert replanned_epochs(3, 10.0, rows, 3.0) == 10
+    slower = [{"train_seconds": 2.0 * k} for k in range(1, 21)]              # the last epochs set the pace
+    slower[-1]["train_seconds"] = slower[-2]["train_seconds"] + 4.0
+    pace = (slower[-1]["train_seconds"] - slower[-1 - REPLAN_WINDOW]["train_seconds"]) / REPLAN_WINDOW
+    assert replanned_epochs(20, 100.0, slower, slower[-1]["train_seconds"]) == 20 + round((100 - 42) / pace)
+    # spent: one more epoch, so the schedules still reach their end
+    assert replanned_epochs(20, 30.0, slower, 42.0) == 21
+
+
+def test_a_misplanned_budget_is_corrected_as_the_run_trains(tmp_path, monkeypatch):
+    """A first plan that buys 5× the epochs the budget allows (a step time measured while the machine was
+    faster) is re-planned from the measured epochs: training ends within 10% of the budget, with the schedules
+    (progress, and with it the lr milestone and CLL's p) at their end."""
+    from bench import store, train
+
+    real = train.plan_budget
+
+    def optimistic(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        return {**plan, "epochs": 5 * plan["epochs"], "epochs_planned": 5 * plan["epochs"]}
+
+    monkeypatch.setattr(train, "plan_budget", optimistic)
+    result = train_run(_short(budget="8s"), tmp_path)
+    b = result["budget"]
+    assert b["replans"] >= 1 and b["epochs"] == result["epochs"] < b["epochs_planned"]
+    assert 0.9 <= b["measured_over_budget"] <= 1.1, b
+    state = store.load_checkpoint(tmp_path / store.CHECKPOINT)
+    assert state["progress"] == pytest.approx(1.0, abs=1e-9)
+    last = store.read_metrics(tmp_path)[-1]
+    assert float(last["lr"]) == pytest.approx(1e-4) and float(last["p"]) < 1e-11
+
+
 def test_tables_mark_budgeted_runs_with_their_measured_compute(tmp_path):
     from bench.report import tables
     from bench.store import run_dir
