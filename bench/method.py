@@ -8,7 +8,7 @@ K(h∘f) and its certificate rule in words.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -32,10 +32,18 @@ class Method(ABC):
 
     @abstractmethod
     def loss(self, logits: torch.Tensor, y: torch.Tensor, bound: PairwiseBound,
-             progress: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+             progress: float, **member_values) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Mean training loss at training progress t/T, and what to log: detached 0-d tensors (averaged over the
         epoch on the device; never read on the host in the step, which on a GPU would be a sync) or Python
-        numbers such as a schedule's value (the epoch's last)."""
+        numbers such as a schedule's value (the epoch's last). `member_values`: the `member_scalars` as 0-d
+        tensors, each in place of the instance's own value (a pack's members, one row each under vmap)."""
+
+    @classmethod
+    def member_scalars(cls, cfg: Mapping[str, object]) -> Tuple[str, ...]:
+        """Hyperparameters (config keys, and the instance attributes of the same name) that the loss only computes
+        with, never branches on: the members of a pack that differ in nothing else share one vmapped loss, with
+        these as per-member tensors passed to `loss` by keyword. Default: none (each configuration its own)."""
+        return ()
 
     #: short architecture names this method resolves to its own architectures, e.g. {"xl": "cpl-xl"}
     arch_aliases: Dict[str, str] = {}

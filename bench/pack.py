@@ -8,10 +8,11 @@ optimizer and schedule.
 Per step, the members' parameters and buffers are stacked along a leading member axis. The network's forward and
 its training bound (the warm-started power iteration, gradient through the Rayleigh estimate) run once for all
 members under `torch.func.vmap` through `functional_call`; each power iterate is updated in place in its own
-row of the stacked buffer. Each member's loss comes from its own method instance (its ε, p, λ and schedules),
-vmapped over the members that share them. One optimizer steps the stacked parameters: Adam, AdamW and SGD
-update every element on its own, so a member gets the update it would get alone, up to floating-point
-reassociation in the batched products.
+row of the stacked buffer. The members' losses are vmapped in loss groups: members whose methods differ only in
+hyperparameters the loss computes with but never branches on (`Method.member_scalars`: CLL's ε and δ, GloRo's fixed
+ε) share one group, those values per-member tensors; anything else (λ, a schedule) makes a group of its own.
+One optimizer steps the stacked parameters: Adam, AdamW and SGD update every element on its own, so a member gets
+the update it would get alone, up to floating-point reassociation in the batched products.
 
 Each member is otherwise an ordinary run (`bench.train.Run`): its own seed (initialisation, the iterates' start,
 data order, augmentation), its own data, run folder, config hash, metrics.csv, checkpoint and result.json. At
@@ -165,12 +166,12 @@ class Pack:
         cfg = runs[0].cfg
         self.opt = make_optimizer(cfg, holder)
         self.sched = make_lr_scheduler(cfg, self.opt, runs[0].steps_per_epoch)
-        # members sorted by method configuration (train_pack): each loss group is a contiguous slice
+        # members sorted by loss group (train_pack): each group is a contiguous slice
         self.groups, lo = [], 0
-        keys = [_method_key(r.cfg) for r in runs]
+        keys = [_loss_group_key(r.cfg) for r in runs]
         for m in range(1, len(runs) + 1):
             if m == len(runs) or keys[m] != keys[lo]:
-                self.groups.append(_LossGroup(lo, m, runs[lo].method))
+                self.groups.append(_LossGroup(lo, m, [r.method for r in runs[lo:m]], holder_device(holder)))
                 lo = m
         self.alive = torch.ones(len(runs), dtype=torch.bool, device=holder_device(holder))
         self.float_keys: Optional[List[str]] = None
@@ -227,10 +228,13 @@ class Pack:
                                            for k, parts in logs.items()}
 
     def float_logs(self, m: int) -> Dict[str, float]:
-        """Member m's Python-number logs (a schedule's value) of the last step, from its own loss group."""
+        """Member m's Python-number logs (a schedule's value) of the last step, from its own loss group, and the
+        member scalars its loss logs (their own values)."""
+        group = next(g for g in self.groups if g.lo <= m < g.hi)
+        scalars = {k: group.values[k][m - group.lo] for k in group.logged_scalars}
         if self.compiled is not None and self.compiled_steps:
-            return {k: float(v[m]) for k, v in self.last_floats.items()}
-        return next(dict(g.floats) for g in self.groups if g.lo <= m < g.hi)
+            return {**{k: float(v[m]) for k, v in self.last_floats.items()}, **scalars}
+        return {**group.floats, **scalars}
 
     def _call(self, params, buffers, x):
         return functional_call(self.step_module, (params, buffers), (x,))
@@ -365,21 +369,29 @@ class PackTally:
 
 
 class _LossGroup:
-    """Members [lo, hi) that share one method configuration: their losses in one vmapped call."""
+    """Members [lo, hi) whose methods differ at most in their `member_scalars` (ε, δ): their losses in one vmapped
+    call of the first member's method, each member's scalars a float64 tensor row passed by keyword (one graph for
+    all of them, not one per configuration; a number and its 0-d tensor promote alike against float32 tensors)."""
 
-    def __init__(self, lo: int, hi: int, method):
-        self.lo, self.hi, self.method = lo, hi, method
+    def __init__(self, lo: int, hi: int, methods: Sequence, device: torch.device):
+        self.lo, self.hi, self.method = lo, hi, methods[0]
+        names = type(self.method).member_scalars(self.method.cfg)
+        self.values = {k: [float(getattr(m, k)) for m in methods] for k in names}
+        self.scalars = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in self.values.items()}
         self.floats: Dict[str, float] = {}
+        self.logged_scalars: List[str] = []   # member scalars the loss logs: `Pack.float_logs` gives their values
 
     def __call__(self, logits, y, K_up, W, progress):
-        def member(logits, y, K_up, W=None):
-            loss, logs = self.method.loss(logits, y, PairwiseBound(K_up, W), progress)
+        def member(logits, y, K_up, scalars, W=None):
+            loss, logs = self.method.loss(logits, y, PairwiseBound(K_up, W), progress, **scalars)
             if torch.is_tensor(progress):   # compiled: no side effects in the graph, every log an output
-                return loss, {k: torch.as_tensor(v, dtype=torch.float64) for k, v in logs.items()}
+                return loss, {k: torch.as_tensor(v, dtype=torch.float64) for k, v in logs.items() if k not in scalars}
+            self.logged_scalars = [k for k in logs if k in scalars]
+            logs = {k: v for k, v in logs.items() if k not in scalars}
             self.floats.update({k: v for k, v in logs.items() if not torch.is_tensor(v)})
             return loss, {k: v for k, v in logs.items() if torch.is_tensor(v)}
 
-        args = (logits[self.lo:self.hi], y[self.lo:self.hi], K_up[self.lo:self.hi])
+        args = (logits[self.lo:self.hi], y[self.lo:self.hi], K_up[self.lo:self.hi], self.scalars)
         if W is not None:
             args += (W[self.lo:self.hi],)
         return vmap(member)(*args)
@@ -387,6 +399,13 @@ class _LossGroup:
 
 def _method_key(cfg: Mapping[str, object]) -> str:
     return json.dumps({k: cfg.get(k) for k in sorted(member_keys(cfg) - {"seed", "data_seed"})}, default=str)
+
+
+def _loss_group_key(cfg: Mapping[str, object]) -> str:
+    """Members with equal keys share a loss group: the method configuration without its member scalars."""
+    scalars = set(METHODS.get(str(cfg["method"])).member_scalars(cfg))
+    return json.dumps({k: cfg.get(k) for k in sorted(member_keys(cfg) - {"seed", "data_seed"} - scalars)},
+                      default=str)
 
 
 def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
@@ -400,8 +419,8 @@ def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
     if len({pack_key(c) for c in cfgs}) > 1:
         raise ValueError("runs of one pack must agree on everything but their seeds and method hyperparameters")
     device = prepare_process(cfg0)
-    # members sorted by method configuration: each loss group is a contiguous slice of the stack
-    order = sorted(range(len(cfgs)), key=lambda i: (_method_key(cfgs[i]), i))
+    # members sorted by loss group: each group is a contiguous slice of the stack
+    order = sorted(range(len(cfgs)), key=lambda i: (_loss_group_key(cfgs[i]), _method_key(cfgs[i]), i))
     results: List[Optional[Dict[str, object]]] = [None] * len(cfgs)
 
     def report(i):

@@ -205,9 +205,15 @@ class CLL(Method):
         for t in (0.0, 1.0):   # validate p early, at both ends of its schedule
             calibrated_sigma(self.eps, self.p(t))
 
-    def loss(self, logits, y, bound, progress):
+    @classmethod
+    def member_scalars(cls, cfg):
+        return ("eps", "delta")
+
+    def loss(self, logits, y, bound, progress, eps=None, delta=None):
+        eps = self.eps if eps is None else eps
+        delta = self.delta if delta is None else delta
         p, beta = self.p(progress), self.beta(progress)
-        z = cll_logits(logits, y, bound, self.eps, p, self.delta, self.one_sided, self.normalization, beta)
+        z = cll_logits(logits, y, bound, eps, p, delta, self.one_sided, self.normalization, beta)
         ce = F.cross_entropy(z, y)
         K_bar = bound.max(self.num_classes)
         total = ce + self.lam * K_bar ** 2 if self.lam else ce

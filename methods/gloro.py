@@ -110,8 +110,13 @@ class GloRo(Method):
         self.trades_on = cfg["trades_lambda"] != 0
         self.extremal_pair_grad = bool(cfg.get("extremal_pair_grad"))
 
-    def loss(self, logits, y, bound, progress):
-        eps = self.eps_at(progress)
+    @classmethod
+    def member_scalars(cls, cfg):
+        """A fixed ε is a number to compute with; a scheduled one is a function of the progress."""
+        return ("eps",) if cfg.get("eps_schedule", "fixed") == "fixed" else ()
+
+    def loss(self, logits, y, bound, progress, eps=None):
+        eps = self.eps_at(progress) if eps is None else eps
         log_probs = gloro_log_probs(logits, bound, eps, self.num_classes, self.extremal_pair_grad)
         lam_t = self.trades(progress)
         if self.trades_on:   # (at a schedule's λ_T = 0 this is the plain loss plus 0·TRADES)

@@ -16,7 +16,7 @@ from bench.config import resolve
 from bench.launch.local import execute_pack
 from bench.loaded_run import load_run
 from bench.method import Method
-from bench.pack import make_packs, pack_key, train_pack
+from bench.pack import _loss_group_key, make_packs, pack_key, train_pack
 from bench.registry import register_method
 from bench.train import train_run
 from tests.test_resilience import METRIC_KEYS, RUN_ARGS, bench_proc
@@ -54,6 +54,7 @@ def test_packed_members_train_as_they_would_alone(tmp_path, method):
     # The batched products round differently from the single ones: parameters differ by ~1e-7 after one epoch.
     # Training amplifies that slowly (5e-7 after 20 epochs here); GloRo at ε = 0.2, whose ⊥ logit switches its
     # argmax, amplified it to 1e-4 by epoch 20 (measured), as any 1-ulp perturbation of its inputs would.
+    # The two ε share one loss group: ε is a per-member tensor (`Method.member_scalars`), logged as its own value.
     cfgs = [_moons(method, seed, eps=eps) for eps in (0.1, 0.15) for seed in (1, 2)]
     assert len({pack_key(c) for c in cfgs}) == 1
     packed = train_pack(cfgs, [store.run_dir(tmp_path / "pack", c) for c in cfgs])
@@ -61,6 +62,9 @@ def test_packed_members_train_as_they_would_alone(tmp_path, method):
         alone = train_run(cfg, store.run_dir(tmp_path / "alone", cfg))
         assert result["pack"]["members"] == 4
         _assert_same_run(store.run_dir(tmp_path / "pack", cfg), store.run_dir(tmp_path / "alone", cfg), result, alone)
+        rows, alone_rows = (store.read_metrics(store.run_dir(tmp_path / d, cfg)) for d in ("pack", "alone"))
+        logged = {"cll": "p", "gloro": "eps"}[method]
+        assert [r[logged] for r in rows] == [r[logged] for r in alone_rows]
 
 
 @register_method("test-nan-member")
@@ -115,6 +119,13 @@ def test_packs_group_by_everything_but_seeds_and_hyperparameters():
     assert sorted(len(p) for p in make_packs(cfgs[:6], limit=4, workers=1)) == [3, 3]
     assert sorted(len(p) for p in make_packs(cfgs[:6], limit=16, workers=3)) == [2, 2, 2]
     assert [len(p) for p in make_packs(cfgs[:6], limit=1, workers=1)] == [1] * 6
+    # within a pack, one loss group per configuration of what the loss branches on: ε and δ are per-member
+    # tensors (CLL, GloRo's fixed ε); a scheduled ε, λ or the offset's side are each their own group
+    key = _loss_group_key
+    assert key(_moons("cll", 1, eps=0.1)) == key(_moons("cll", 2, eps=0.2, delta=0.3))
+    assert key(_moons("cll", 1, lam=0.0)) != key(_moons("cll", 1)) != key(_moons("cll", 1, one_sided=False))
+    assert key(_moons("gloro", 1, eps=0.1)) == key(_moons("gloro", 1, eps=0.2))
+    assert key(_moons("gloro", 1, eps=0.1, eps_schedule="poly")) != key(_moons("gloro", 1, eps=0.2, eps_schedule="poly"))
 
 
 def test_sigkill_of_a_pack_resumes_every_member(tmp_path):
