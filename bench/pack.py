@@ -258,20 +258,28 @@ class Pack:
             self.buffers[f"net.{name}"][m].copy_(own_buffers[name])
 
     @torch.no_grad()
-    def converge(self, members: Sequence[int], tol: float) -> None:
+    def converge(self, members: Sequence[int], tol: float, guaranteed: Sequence[int] = ()) -> None:
         """The epoch-end power iteration of every bounded layer, for `members` at once (each stopping by its own
         rule, `stacked_power_iteration`); each member's network adopts its result, so its own `converge()` finds
-        the bound fresh. The members' networks must hold their current rows (`to_member`)."""
+        the bound fresh. Members in `guaranteed` (those about to evaluate) also adopt their guaranteed bounds,
+        computed for all of them at once where the layer can (`stacked_norm_bound`). The members' networks must
+        hold their current rows (`to_member`)."""
         if not members:
             return
-        rows = torch.tensor(list(members), dtype=torch.long, device=next(iter(self.params.values())).device)
+        device = next(iter(self.params.values())).device
+        rows = torch.tensor(list(members), dtype=torch.long, device=device)
+        certify_rows = torch.tensor(list(guaranteed), dtype=torch.long, device=device)
         for name, layer in self.layers:
-            W = self.params[f"net.{name}.weight"].detach()[rows].double()
+            weights = self.params[f"net.{name}.weight"].detach()
             V = self.buffers[f"net.{name}.power_iterate"][rows].double()
-            sigma, X = layer.stacked_power_iteration(W, V, tol=tol)
+            sigma, X = layer.stacked_power_iteration(weights[rows].double(), V, tol=tol)
             for k, m in enumerate(members):
                 own = self.runs[m].model.get_submodule(name)
                 own.adopt_power(sigma[k], X[k])
+            upper = layer.stacked_norm_bound(weights[certify_rows]) if len(guaranteed) else None
+            if upper is not None:
+                for k, m in enumerate(guaranteed):
+                    self.runs[m].model.get_submodule(name).adopt_guaranteed(float(upper[k]))
 
     def lower_bounds(self, members: Sequence[int]) -> Dict[int, float]:
         """The empirical lower bound of each member's network (`certify.lower_bound`: its own pairs, drawn by its
@@ -547,7 +555,7 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
             break
         for m in live:
             pack.to_member(m)
-        pack.converge(live, float(cfg0["converge_tol"]))
+        pack.converge(live, float(cfg0["converge_tol"]), [m for m in live if runs[m].evaluates_after(epoch)])
         shared = time.perf_counter() - t0
         for m in list(live):
             run = runs[m]

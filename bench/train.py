@@ -437,6 +437,13 @@ class Run:
     def epoch_order(self) -> torch.Tensor:
         return torch.randperm(len(self.data.y_train), generator=self.gen).to(self.device)
 
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (0-based) ends with an evaluation: the last, every `eval_every`-th and the
+        `eval_tail` last ones."""
+        cfg = self.cfg
+        return (epoch + 1 == self.epochs or (epoch + 1) % int(cfg["eval_every"]) == 0
+                or epoch + 1 > self.epochs - int(cfg.get("eval_tail") or 0))
+
     def end_epoch(self, epoch: int, loss_sum: float, correct: int, logs: Dict[str, float], lr: float,
                   clock: Callable[[], float], checkpoint_state: Callable[[], Dict[str, object]],
                   on_epoch=None) -> None:
@@ -458,7 +465,7 @@ class Run:
         if epoch + 1 == epochs:  # the final evaluation, once: its test split also fills the last metrics row
             self.final_eval = evaluate(model, self.method, self.data, cfg)
             ev = self.final_eval["test"]
-        elif (epoch + 1) % int(cfg["eval_every"]) == 0 or epoch + 1 > epochs - int(cfg.get("eval_tail") or 0):
+        elif self.evaluates_after(epoch):
             ev = evaluate(model, self.method, self.data, cfg, splits=("test",))["test"]
         else:
             ev = None

@@ -204,3 +204,32 @@ def test_small_dense_layers_converge_to_the_exact_top_singular_pair_with_the_ite
         assert torch.allclose(torch.linalg.vector_norm(X[:, None, :] @ W.transpose(-1, -2), dim=-1)[:, 0], exact,
                               rtol=1e-6)
         assert bool(((X * V).sum(-1) >= 0).all())
+
+
+def test_a_stack_of_dense_weights_gets_each_weights_own_guaranteed_bound():
+    """`LipLinear.stacked_norm_bound` (a pack bounds all its members' layers in one Gram iteration): each row is
+    ≥ the exact norm of its own weight, as tight as the one-at-a-time bound, on random, clustered (top pair 1e-6
+    apart) and scaled weights; a member adopting it certifies with it."""
+    gen = torch.Generator().manual_seed(5)
+    layer = LipLinear(40, 20)
+    layer(torch.randn(1, 40))
+    W = torch.randn(6, 20, 40, generator=gen)
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    S[:3, 1] = S[:3, 0] * (1 - 1e-6)
+    W = (U @ torch.diag_embed(S) @ Vh).float() * torch.tensor([1, 1e3, 1e-3, 1, 7, 1]).view(6, 1, 1)
+    upper = layer.stacked_norm_bound(W)
+    exact = torch.linalg.matrix_norm(W.double(), 2)
+    assert bool((upper >= exact).all())
+    single = torch.tensor([LipLinear.operator_norm_bound(_with_weight(layer, w)) for w in W], dtype=torch.float64)
+    assert torch.allclose(upper, single, rtol=1e-9, atol=0)
+    own = _with_weight(layer, W[1])
+    own.converge(guaranteed=False)
+    own.adopt_guaranteed(float(upper[1]))
+    assert float(own.certified_bound()) == float(upper[1])
+
+
+def _with_weight(layer: LipLinear, w: torch.Tensor) -> LipLinear:
+    clone = copy.deepcopy(layer)
+    with torch.no_grad():
+        clone.weight.copy_(w)
+    return clone

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.nn.spectral import conv_norm_bound, dense_norm_bound
+from bench.nn.spectral import conv_norm_bound, dense_norm_bound, gram_norm_bound
 
 
 class UnconvergedBoundError(RuntimeError):
@@ -176,6 +176,20 @@ class PowerIterated(metaclass=abc.ABCMeta):
         self.norm_power = power
         self.sigma_power.fill_(self.layer_constants(power, power)[1])
         self._bound_key = self._weight_key()  # after layer_constants: a family may store what eval uses
+
+    def stacked_norm_bound(self, W: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where cheap, `operator_norm_bound` of every weight of a stack W [M, ...] in one call (float64 [M], each
+        a guaranteed bound on its own weight's norm); None (the default): one layer at a time."""
+        return None
+
+    def adopt_guaranteed(self, upper: float) -> None:
+        """Take `upper`, a guaranteed bound on the current weight's operator norm (a pack's `stacked_norm_bound`
+        row of exactly these weights), after `adopt_power`; checked against the power estimate as any bound."""
+        if self._bound_key is None:
+            raise RuntimeError(f"{type(self).__name__}: adopt_power first, then the guaranteed bound")
+        if not math.isfinite(upper):
+            raise SoundnessError(f"{type(self).__name__}: guaranteed bound is not finite ({upper!r})")
+        self._set_guaranteed(upper)
 
     def _compute_guaranteed_norm(self) -> float:
         upper = float(self.operator_norm_bound())
@@ -321,6 +335,10 @@ class LipLinear(PowerIterated, nn.Linear):
     def operator_norm_bound(self) -> float:
         """‖W‖ from above by Gram iteration with its rounding allowance (bench/nn/spectral.py)."""
         return dense_norm_bound(self.weight)
+
+    def stacked_norm_bound(self, W: torch.Tensor) -> torch.Tensor:
+        """The Gram iteration of `operator_norm_bound` over the stack at once: each matrix's own proven bound."""
+        return gram_norm_bound(W.detach())
 
     #: operator, adjoint and warm start broadcast over a leading stack axis of the weight ([M, out, in])
     stackable = True
