@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import make_moons
 
 from bench.data.base import DataBundle
 from bench.registry import register_dataset
@@ -17,6 +16,8 @@ NOISE_RADIUS = 0.1
 
 
 def sample_moons(n: int, rng: np.random.Generator) -> tuple:
+    from sklearn.datasets import make_moons   # here: importing sklearn takes 1.5 s, which only moons runs need
+
     x, y = make_moons(n_samples=n, noise=0.0, shuffle=True, random_state=int(rng.integers(2**31 - 1)))
     r = NOISE_RADIUS * np.sqrt(rng.uniform(size=n))
     theta = 2 * np.pi * rng.uniform(size=n)
