@@ -475,7 +475,7 @@ def epoch_batches(runs: Sequence[Run]):
     """Each step's stacked batches of one epoch, (x [M, B, ...] in data units, y [M, B]), every member's in its
     own data order (`Run.epoch_order`, drawn here for the epoch). Without augmentation the members' training sets
     are gathered in their epoch order once, and a step slices all of them at once (one copy instead of a gather
-    per member and step: a tenth of a 12-member moons pack's time); the values are those of `Run.batch`."""
+    per member and step: ~10 s of a 12-member moons pack); the values are those of `Run.batch`."""
     perms = [r.epoch_order() for r in runs]
     data, cfg = runs[0].data, runs[0].cfg
     augmented = any(r.cfg["augment"] and r.data.augment is not None for r in runs)
