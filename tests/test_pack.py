@@ -62,6 +62,12 @@ def test_packed_members_train_as_they_would_alone(tmp_path, method):
         alone = train_run(cfg, store.run_dir(tmp_path / "alone", cfg))
         assert result["pack"]["members"] == 4
         _assert_same_run(store.run_dir(tmp_path / "pack", cfg), store.run_dir(tmp_path / "alone", cfg), result, alone)
+        # the trained members' guaranteed layer bounds (batched Gram iteration at their last evaluation) hold
+        weights = [w for k, w in _params(store.run_dir(tmp_path / "pack", cfg)).items()
+                   if k.startswith("features.") and k.endswith("weight")]
+        exact = [float(torch.linalg.matrix_norm(w.double(), 2)) for w in weights]
+        assert len(exact) == len(result["layer_bounds"]) == 6
+        assert all(e <= b <= e * (1 + 1e-9) for e, b in zip(exact, result["layer_bounds"]))
         rows, alone_rows = (store.read_metrics(store.run_dir(tmp_path / d, cfg)) for d in ("pack", "alone"))
         logged = {"cll": "p", "gloro": "eps"}[method]
         assert [r[logged] for r in rows] == [r[logged] for r in alone_rows]
