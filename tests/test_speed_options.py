@@ -114,3 +114,28 @@ def test_tables_mark_budgeted_runs_with_their_measured_compute(tmp_path):
     _, display = tables.build_table(runs, "test")
     note = display["Note"].iloc[0]
     assert note.startswith("budget 2 s: ") and "measured" in note
+
+
+@pytest.mark.parametrize("kind", ["step", "triangular", "exp"])
+def test_a_budgets_lr_schedule_read_at_its_progress_is_the_planned_schedule(kind):
+    """While the first plan holds (progress = k/T), the budget's LambdaLR reads the same lr as the schedule an
+    epoch-count run builds, at every step, for each lr schedule kind."""
+    import torch
+
+    from bench.optim import make_lr_scheduler
+
+    cfg = {**_short(), "epochs": 12, "protocol_epochs": 24, "lr_schedule": kind, "lr_milestones": [8, 16],
+           "lr_gamma": 0.1, "lr_end": 1e-6, "lr_more": 2}
+    spe, steps = 5, 12 * 5
+    k = {"step": 0}
+    plain = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    virtual = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    a = make_lr_scheduler(cfg, plain, spe)
+    b = make_lr_scheduler(cfg, virtual, spe, virtual_step=lambda: (k["step"] / steps) * steps)
+    for step in range(steps):
+        assert virtual.param_groups[0]["lr"] == pytest.approx(plain.param_groups[0]["lr"], rel=1e-12), step
+        plain.step()
+        virtual.step()
+        k["step"] = step + 1
+        a.step()
+        b.step()
