@@ -187,12 +187,12 @@ class PowerIterated(metaclass=abc.ABCMeta):
         row of exactly these weights), after `adopt_power`; checked against the power estimate as any bound."""
         if self._bound_key is None:
             raise RuntimeError(f"{type(self).__name__}: adopt_power first, then the guaranteed bound")
-        if not math.isfinite(upper):
-            raise SoundnessError(f"{type(self).__name__}: guaranteed bound is not finite ({upper!r})")
-        self._set_guaranteed(upper)
+        self._set_guaranteed(self._finite(upper))
 
     def _compute_guaranteed_norm(self) -> float:
-        upper = float(self.operator_norm_bound())
+        return self._finite(float(self.operator_norm_bound()))
+
+    def _finite(self, upper: float) -> float:
         if not math.isfinite(upper):
             raise SoundnessError(f"{type(self).__name__}: guaranteed bound is not finite ({upper!r})")
         return upper
