@@ -139,3 +139,28 @@ def test_a_budgets_lr_schedule_read_at_its_progress_is_the_planned_schedule(kind
         k["step"] = step + 1
         a.step()
         b.step()
+
+
+def test_an_interrupted_budgeted_run_resumes_its_plan_and_progress(tmp_path, monkeypatch):
+    """Killed mid-run, a budgeted run resumes from its checkpoint with its current plan and progress: it still ends
+    near its budget, with its schedules at their end and its p schedule never jumping back."""
+    from bench import store, train
+
+    cfg = _short(budget="6s", checkpoint_every=1)
+    real = train.Run.end_epoch
+
+    def stop_after_epoch_4(self, epoch, *args, **kwargs):
+        real(self, epoch, *args, **kwargs)
+        if epoch == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train.Run, "end_epoch", stop_after_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path)
+    assert store.load_checkpoint(tmp_path / store.CHECKPOINT)["progress"] > 0
+    monkeypatch.setattr(train.Run, "end_epoch", real)
+    result = train_run(cfg, tmp_path)
+    assert result["resumed_at_epochs"] == [4]
+    assert 0.85 <= result["budget"]["measured_over_budget"] <= 1.15, result["budget"]
+    assert store.load_checkpoint(tmp_path / store.CHECKPOINT)["progress"] == pytest.approx(1.0, abs=1e-9)
+    p = [float(r["p"]) for r in store.read_metrics(tmp_path)]
+    assert len(p) == result["epochs"] and all(a >= b for a, b in zip(p, p[1:])) and p[-1] < 1e-11
