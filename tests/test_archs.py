@@ -67,3 +67,27 @@ def test_kaiming_normal_init_and_zero_bias(nets):
                 assert w.std().item() == pytest.approx(math.sqrt(2.0 / fan_in), rel=0.05)
                 assert abs(w.mean().item()) < 0.05 * math.sqrt(2.0 / fan_in)
             assert torch.count_nonzero(m.bias) == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (3, 6, 4, 4)])
+def test_maxmin_training_path_equals_evaluation_and_routes_each_gradient_to_one_entry(shape):
+    # training's MaxMin (a gather by the pair's order) against its evaluation path and against the rule written
+    # out: the max slot's gradient goes to the larger entry of its pair, to the first at a tie; the min slot's to
+    # the other
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    x[:, 1] = x[:, 0]                                    # a tie in the first pair
+    w = torch.randn(shape, dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    out = MaxMin()(xg)
+    with torch.no_grad():
+        assert torch.equal(out, MaxMin()(x))
+    (grad,) = torch.autograd.grad((out * w).sum(), xg)
+    c = shape[1] // 2
+    a, b = x[:, 0::2], x[:, 1::2]
+    first = a >= b
+    w_max, w_min = w[:, :c], w[:, c:]
+    expected = torch.empty_like(x)
+    expected[:, 0::2] = torch.where(first, w_max, w_min)
+    expected[:, 1::2] = torch.where(first, w_min, w_max)
+    assert torch.equal(grad, expected)

@@ -32,7 +32,6 @@ official CLL code omits it, shrinks the iterate for 3×3 stride-2 convs and unde
 from __future__ import annotations
 
 import abc
-import hashlib
 import math
 from typing import Optional, Tuple
 
@@ -49,6 +48,17 @@ class UnconvergedBoundError(RuntimeError):
 
 class SoundnessError(RuntimeError):
     """A lower estimate of a norm exceeded its guaranteed upper bound: one of the two is wrong."""
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b hold the same bytes (dtype, shape and device too): a float compared as an integer of its width, so
+    that −0.0 ≠ 0.0 and a NaN equals itself, as in the bytes."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.view(bits), b.view(bits)
+    return torch.equal(a, b)
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -133,16 +143,18 @@ class PowerIterated(metaclass=abc.ABCMeta):
         """Every tensor the layer's bounds depend on (families add their buffers)."""
         return (self.weight,)
 
-    def _weight_key(self) -> str:
-        """A digest of the exact bytes of `_bound_tensors()`. Not `Tensor._version`: fused optimizers (Adam,
-        AdamW with fused=True) update parameters in place without bumping it, so a version key lets a bound
-        outlive the weights it was computed for."""
-        digest = hashlib.blake2b(digest_size=16)
-        for t in self._bound_tensors():
-            t = t.detach()
-            digest.update(f"{t.dtype}{tuple(t.shape)}{t.device}".encode())
-            digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+    def _weight_key(self) -> Tuple[torch.Tensor, ...]:
+        """A bit-exact copy of `_bound_tensors()`, the weights a bound is computed for (`_weights_unchanged`
+        compares the current ones with it). Not `Tensor._version`: fused optimizers (Adam, AdamW with fused=True)
+        update parameters in place without bumping it, so a version key lets a bound outlive the weights it was
+        computed for. A copy, not a digest: comparing costs ~2 µs per tensor where hashing cost ~25 µs, at three
+        checks per layer and epoch; it holds one more copy of the bounded weights."""
+        return tuple(t.detach().clone() for t in self._bound_tensors())
+
+    def _weights_unchanged(self) -> bool:
+        """Whether `_bound_tensors()` equal, bit for bit, the weights of the current bound (`_bound_key`)."""
+        key, now = self._bound_key, self._bound_tensors()
+        return key is not None and len(key) == len(now) and all(_same_bits(k, t.detach()) for k, t in zip(key, now))
 
     @abc.abstractmethod
     def operator_norm_bound(self) -> float:
@@ -158,7 +170,7 @@ class PowerIterated(metaclass=abc.ABCMeta):
         bound (otherwise computed when a certificate first asks for it). Returns the guaranteed constant (the
         power one with `guaranteed=False`). Both are cached until the weights change."""
         self._require_iterate()
-        if self._bound_key != self._weight_key() or torch.isnan(self.sigma_power):
+        if not self._weights_unchanged() or torch.isnan(self.sigma_power):
             upper = self._compute_guaranteed_norm() if guaranteed else math.inf
             self.adopt_power(self.block_power_iteration(upper, tol=tol, max_iter=max_iter))
             if guaranteed:
@@ -207,7 +219,7 @@ class PowerIterated(metaclass=abc.ABCMeta):
     def _guaranteed(self) -> torch.Tensor:
         if torch.isnan(self.sigma_bound):
             self._set_guaranteed(self._compute_guaranteed_norm())
-            if self._bound_key != self._weight_key():  # layer_constants must not change what the bound rests on
+            if not self._weights_unchanged():  # layer_constants must not change what the bound rests on
                 raise SoundnessError(f"{type(self).__name__}: the guaranteed bound changed the layer's state")
         return self.sigma_bound
 
@@ -306,7 +318,7 @@ class PowerIterated(metaclass=abc.ABCMeta):
         return None
 
     def _check_fresh(self) -> None:
-        if self._bound_key is None or self._bound_key != self._weight_key() or torch.isnan(self.sigma_power):
+        if not self._weights_unchanged() or torch.isnan(self.sigma_power):
             raise UnconvergedBoundError(
                 f"{type(self).__name__}: the spectral-norm bound is stale; call converge() before certifying")
 
@@ -462,6 +474,8 @@ class MaxMin(nn.Module):
             return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1)
         # with autograd on (training, also under vmap, where `requires_grad` is not visible; the lower bound's
         # ascent): the whole gradient goes to the larger entry (to a at a tie), as a sort routes it; maximum()
-        # would split it at ties, and its backward is slower
-        first = a >= b
-        return torch.cat([torch.where(first, a, b), torch.where(first, b, a)], 1)
+        # would split it at ties. A gather by the pair's order: its backward is one scatter, 2× faster than
+        # two where()s and two select()s, and bit-identical to them
+        second = (a < b).long()
+        order = torch.stack([second, 1 - second], 2)      # per pair: the index of its max, then of its min
+        return pairs.gather(2, order).transpose(1, 2).flatten(1, 2)
