@@ -53,8 +53,8 @@ from bench.nn.bound import PairwiseBound
 from bench.nn.lipschitz import LipConv2d, LipLinear
 from bench.optim import make_lr_scheduler, make_optimizer
 from bench.registry import ARCHS, METHODS
-from bench.train import (DivergedError, Run, global_rng_state, lower_bound_generator, lower_bound_plan,
-                         prepare_process, set_global_rng_state, train_run)
+from bench.train import (DivergedError, Run, lower_bound_generator, lower_bound_plan, prepare_process,
+                         process_rng, restore_process_rng, train_run)
 
 #: the largest stacked lower-bound ascent (input elements of all members' pairs); larger packs bound per member
 LOWER_BOUND_STACK_ELEMENTS = 2 ** 22
@@ -163,6 +163,10 @@ class Pack:
                         for n in self.buffer_names}
         bounded = set(holder._bounded())
         self.layers = [(name, mod) for name, mod in holder.named_modules() if mod in bounded]
+        # each member's own tensors and bounded layers, looked up once: after `Run.resume` they change only in place
+        self.member_params = [[dict(r.model.named_parameters())[n] for n in self.names] for r in runs]
+        self.member_buffers = [[dict(r.model.named_buffers())[n] for n in self.buffer_names] for r in runs]
+        self.member_layers = [[r.model.get_submodule(name) for name, _ in self.layers] for r in runs]
         cfg = runs[0].cfg
         self.opt = make_optimizer(cfg, holder)
         self.sched = make_lr_scheduler(cfg, self.opt, runs[0].steps_per_epoch)
@@ -180,8 +184,12 @@ class Pack:
         if compile:
             # inductor's CPU toolchain probe warns once per process that no CUDA runtime is found: not news here
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-            torch._dynamo.reset()   # a worker's earlier pack: its graphs guard on another Pack
-            self.compiled = torch.compile(self._losses)
+            torch._dynamo.reset()   # a worker's earlier pack: its graphs belong to another Pack
+            # Only the tensor guards are kept (shapes, dtypes, strides of the arguments): everything else the graph
+            # reads (the modules, the methods and their constants, the loss groups) is fixed for the pack's life.
+            # Checking it cost ~0.5 ms of a ~3.5 ms moons step.
+            self.compiled = torch.compile(self._losses, options={"guard_filter_fn": functools.partial(
+                torch.compiler.keep_tensor_guards_unsafe, keep_parameters=True)})
 
     def step(self, x: torch.Tensor, y: torch.Tensor, progress: float, tally: "PackTally") -> None:
         """One optimizer step of every member on its own batch (x [M, B, ...], y [M, B]): the stacked forward
@@ -189,7 +197,9 @@ class Pack:
         Compiled (`compile=True`), the step after the first runs as one graph with the progress as a tensor
         input; the first, eager, names the logs that are Python numbers (kept at their last value, not summed)."""
         if self.compiled is not None and self.float_keys is not None:
-            progress_t = torch.tensor(progress, dtype=torch.float64, device=x.device)
+            # a [1] tensor, read as 0-d inside the graph: Dynamo takes a 0-d tensor input for a Python number,
+            # which traces the whole step twice (~6 s of every compile)
+            progress_t = torch.tensor([progress], dtype=torch.float64, device=x.device)
             try:
                 loss, logits, logs = self.compiled(self.params, self.buffers, x, y, progress_t)
             except Exception as e:  # noqa: BLE001  (no C++ compiler, an op inductor lacks: the eager step)
@@ -216,6 +226,8 @@ class Pack:
         """(each member's loss [M], logits [M, B, N], tensor logs {name: [M]}): the stacked forward and training
         bound, then each loss group's vmapped losses. A tensor `progress` (the compiled step) returns the
         Python-number logs as tensors too."""
+        if torch.is_tensor(progress):
+            progress = progress.reshape(())
         logits, K_up, *W = vmap(self._call)(params, buffers, x)
         W = W[0] if W else None
         losses, logs = [], {}
@@ -242,20 +254,16 @@ class Pack:
     @torch.no_grad()
     def to_member(self, m: int) -> None:
         """Member m's rows of the stack → its own network (parameters and buffers)."""
-        model = self.runs[m].model
-        own = dict(model.named_parameters())
-        for name in self.names:
-            own[name].copy_(self.params[f"net.{name}"][m])
-        own_buffers = dict(model.named_buffers())
-        for name in self.buffer_names:
-            own_buffers[name].copy_(self.buffers[f"net.{name}"][m])
+        for name, own in zip(self.names, self.member_params[m]):
+            own.copy_(self.params[f"net.{name}"][m])
+        for name, own in zip(self.buffer_names, self.member_buffers[m]):
+            own.copy_(self.buffers[f"net.{name}"][m])
 
     @torch.no_grad()
     def from_member(self, m: int) -> None:
         """Member m's buffers (its converged power iterates) → its rows of the stack."""
-        own_buffers = dict(self.runs[m].model.named_buffers())
-        for name in self.buffer_names:
-            self.buffers[f"net.{name}"][m].copy_(own_buffers[name])
+        for name, own in zip(self.buffer_names, self.member_buffers[m]):
+            self.buffers[f"net.{name}"][m].copy_(own)
 
     @torch.no_grad()
     def converge(self, members: Sequence[int], tol: float, guaranteed: Sequence[int] = ()) -> None:
@@ -269,17 +277,16 @@ class Pack:
         device = next(iter(self.params.values())).device
         rows = torch.tensor(list(members), dtype=torch.long, device=device)
         certify_rows = torch.tensor(list(guaranteed), dtype=torch.long, device=device)
-        for name, layer in self.layers:
+        for i, (name, layer) in enumerate(self.layers):
             weights = self.params[f"net.{name}.weight"].detach()
             V = self.buffers[f"net.{name}.power_iterate"][rows].double()
             sigma, X = layer.stacked_power_iteration(weights[rows].double(), V, tol=tol)
             for k, m in enumerate(members):
-                own = self.runs[m].model.get_submodule(name)
-                own.adopt_power(sigma[k], X[k])
+                self.member_layers[m][i].adopt_power(sigma[k], X[k])
             upper = layer.stacked_norm_bound(weights[certify_rows]) if len(guaranteed) else None
             if upper is not None:
                 for k, m in enumerate(guaranteed):
-                    self.runs[m].model.get_submodule(name).adopt_guaranteed(float(upper[k]))
+                    self.member_layers[m][i].adopt_guaranteed(float(upper[k]))
 
     def lower_bounds(self, members: Sequence[int]) -> Dict[int, float]:
         """The empirical lower bound of each member's network (`certify.lower_bound`: its own pairs, drawn by its
@@ -460,7 +467,7 @@ def train_pack(cfgs: Sequence[Dict[str, object]], folders: Sequence[Path],
     runs, rng = [], []
     for i in order:
         runs.append(Run(cfgs[i], folders[i], device))
-        rng.append(global_rng_state())      # each member's process-wide generators, as its own process has them
+        rng.append(process_rng())   # each member's process-wide generators, as its own process has them
     if not supports_packing(runs[0].model):
         raise ValueError(f"architecture {cfg0['arch']!r} has layers a pack cannot stack; train it with --pack 1")
     _train_stacked(runs, rng, order, device, results, report)
@@ -505,17 +512,17 @@ def compile_pack(cfg: Mapping[str, object], run: Run) -> bool:
     return (run.epochs - run.start_epoch) * run.steps_per_epoch >= PACK_COMPILE_MIN_STEPS
 
 
-def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[int], device: torch.device,
+def _train_stacked(runs: List[Run], rng: List[tuple], index: List[int], device: torch.device,
                    results: List[Optional[Dict[str, object]]], report) -> None:
     """The packed loop: `runs` (in stack order; `index[m]` is member m's position in `results`) resumed, stacked,
     trained to their last epoch, finished. Each member's training time is its own history plus the pack's shared
     phases (the steps and the batched convergence), not the other members' evaluations."""
     cfg0, M = runs[0].cfg, len(runs)
     for m, r in enumerate(runs):
-        set_global_rng_state(rng[m])
+        restore_process_rng(rng[m])
         r.keep_previous_checkpoint = True
         r.resume(None, None)
-        rng[m] = global_rng_state()
+        rng[m] = process_rng()
         r.model.train()
     pack = Pack(runs, int(cfg0["power_iter"]), compile=compile_pack(cfg0, runs[0]))
     pack.step_module.train()
@@ -560,7 +567,7 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
         for m in list(live):
             run = runs[m]
             run.step = step
-            set_global_rng_state(rng[m])
+            restore_process_rng(rng[m])
             logs_m = {**pack.float_logs(m), **{k: v[m] / max(1, spe) for k, v in host_sums.items()}}
             try:
                 run.end_epoch(epoch, host_loss[m], int(host_correct[m]), logs_m, lr,
@@ -571,9 +578,9 @@ def _train_stacked(runs: List[Run], rng: List[Dict[str, object]], index: List[in
                 diverge(m, str(e), e.train_seconds)
                 continue
             finally:
-                rng[m] = global_rng_state()
+                rng[m] = process_rng()
             pack.from_member(m)
     lower = pack.lower_bounds(live)
     for m in live:
-        set_global_rng_state(rng[m])
+        restore_process_rng(rng[m])
         results[index[m]] = runs[m].finish(extra={"pack": {**info, "position": m}}, lower=lower.get(m))

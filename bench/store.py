@@ -94,18 +94,38 @@ def read_config(folder: Path) -> Dict[str, object]:
     return cfg
 
 
-def write_metrics(folder: Path, rows: List[Mapping[str, object]]) -> None:
-    """Rewrite metrics.csv atomically from all rows so far (a resumed run never duplicates a row)."""
+def write_metrics(folder: Path, rows: List[Mapping[str, object]], rendered: Optional["MetricsText"] = None) -> None:
+    """Rewrite metrics.csv atomically from all rows so far (a resumed run never duplicates a row). `rendered`
+    keeps the text of the rows written before, so that only new rows are formatted (a run writes the file every
+    `checkpoint_every` epochs: formatting all rows each time grows with the square of the epochs)."""
     if not rows:
         return
-    fields: List[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(Path(folder) / METRICS, buf.getvalue())
+    rendered = MetricsText() if rendered is None else rendered
+    atomic_write_text(Path(folder) / METRICS, rendered.update(rows))
+
+
+class MetricsText:
+    """metrics.csv's text for a growing list of rows: the header is the union of the rows' keys in order of first
+    appearance, and a row absent a key leaves its cell empty. Appends the rows added since the last `update`; a
+    new key or fewer rows than before (a resume) renders all of them again."""
+
+    def __init__(self):
+        self.fields: List[str] = []
+        self.count, self.body = 0, ""
+
+    def update(self, rows: List[Mapping[str, object]]) -> str:
+        new_keys = [k for row in rows[self.count:] for k in row if k not in self.fields]
+        if len(rows) < self.count or new_keys:
+            self.fields, self.count, self.body = [], 0, ""
+            for row in rows:
+                self.fields += [k for k in row if k not in self.fields]
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=self.fields).writerows(rows[self.count:])
+        self.body += buf.getvalue()
+        self.count = len(rows)
+        head = io.StringIO()
+        csv.DictWriter(head, fieldnames=self.fields).writeheader()
+        return head.getvalue() + self.body
 
 
 def read_metrics(folder: Path) -> List[Dict[str, str]]:

@@ -8,6 +8,7 @@ At the end: converged bounds, clean accuracy and CRA per ε, K(f), K(h∘f), low
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import platform
@@ -159,13 +160,18 @@ def evaluate(model, method, data: DataBundle, cfg, splits=("test", "train")) -> 
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def global_rng_state() -> Dict[str, object]:
-    """The process-wide generators (torch, numpy, Python, CUDA): a packed run keeps one copy per member."""
+    """The process-wide generators (torch, numpy, Python, CUDA), as tensors a checkpoint stores."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
              "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
              "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
-    if torch.cuda.is_available():
+    if _cuda_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -174,8 +180,24 @@ def set_global_rng_state(state: Mapping[str, object]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
     random.setstate((3, tuple(state["python"].tolist()), None))   # tolist: iterating a tensor is ~100× slower
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and _cuda_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def process_rng() -> tuple:
+    """The process-wide generators as they are (no conversion): a pack swaps each member's in and out at every
+    epoch end, ~10× cheaper than `global_rng_state`."""
+    return (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+            torch.cuda.get_rng_state_all() if _cuda_available() else None)
+
+
+def restore_process_rng(state: tuple) -> None:
+    torch_state, np_state, py_state, cuda_state = state
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
 
 
 def _rng_state(gen: torch.Generator) -> Dict[str, object]:
@@ -370,6 +392,7 @@ class Run:
         self.total_steps = max(1, self.epochs * self.steps_per_epoch)
         self.gen = torch.Generator().manual_seed(int(cfg["seed"]))
         self.start_epoch, self.step, self.rows, self.train_seconds, self.resumed_at = 0, 0, [], 0.0, []
+        self.metrics_text = store.MetricsText()
         self._progress = 0.0   # a budgeted run's training progress (`progress`)
         self.final_eval = None  # stays None when resuming a run whose last epoch was already checkpointed
         self.keep_previous_checkpoint = False   # a pack keeps its members' previous checkpoints (store.save_checkpoint)
@@ -477,7 +500,7 @@ class Run:
         # metrics.csv and the checkpoint are written together (each atomically; a resume drops metric rows
         # beyond the checkpoint's epoch), every `checkpoint_every` epochs and at the end
         if (epoch + 1) % int(cfg["checkpoint_every"]) == 0 or epoch + 1 == epochs:
-            store.write_metrics(self.folder, self.rows)
+            store.write_metrics(self.folder, self.rows, self.metrics_text)
             store.save_checkpoint(self.folder, {
                 "model": model.state_dict(), **checkpoint_state(), "rng": _rng_state(self.gen),
                 "epoch": epoch + 1, "step": self.step, "progress": self._progress, "train_seconds": train_seconds,

@@ -104,6 +104,30 @@ def _tiny(method, **over):
     return {**cfg, "seed": 1}
 
 
+def test_metrics_csv_written_in_steps_equals_one_write_of_all_rows(tmp_path):
+    # `MetricsText` appends the rows added since the last write; a new column or a resume renders all of them
+    rows = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+    text = store.MetricsText()
+
+    def check(rows):
+        store.write_metrics(tmp_path / "steps", rows, text)
+        store.write_metrics(tmp_path / "once", rows)
+        assert (tmp_path / "steps" / store.METRICS).read_text() == (tmp_path / "once" / store.METRICS).read_text()
+        assert [int(r["epoch"]) for r in store.read_metrics(tmp_path / "steps")] == [r["epoch"] for r in rows]
+
+    (tmp_path / "steps").mkdir(), (tmp_path / "once").mkdir()
+    check(rows)
+    rows.append({"epoch": 3, "loss": 0.125})
+    check(rows)
+    rows.append({"epoch": 4, "loss": 0.1, "test_clean": 0.9, "test_cra@0.1": 0.8})   # new columns
+    check(rows)
+    assert store.read_metrics(tmp_path / "steps")[0]["test_clean"] == ""
+    rows.append({"epoch": 5, "loss": 1 / 3})
+    check(rows)
+    del rows[3:]                                                                     # a resume drops rows
+    check(rows)
+
+
 def test_nan_loss_stops_the_run_as_diverged(tmp_path):
     _, result = execute(_tiny("test-nan-at-step-7", sync_every=1), str(tmp_path))
     assert result["status"] == "diverged" and "non-finite loss" in result["reason"]
