@@ -474,8 +474,7 @@ class MaxMin(nn.Module):
             return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1)
         # with autograd on (training, also under vmap, where `requires_grad` is not visible; the lower bound's
         # ascent): the whole gradient goes to the larger entry (to a at a tie), as a sort routes it; maximum()
-        # would split it at ties. A gather by the pair's order: its backward is one scatter, 2× faster than
-        # two where()s and two select()s, and bit-identical to them
-        second = (a < b).long()
-        order = torch.stack([second, 1 - second], 2)      # per pair: the index of its max, then of its min
-        return pairs.gather(2, order).transpose(1, 2).flatten(1, 2)
+        # would split it at ties, and its backward is slower. (A gather by each pair's order has a 2× faster
+        # eager backward, bit-identical, but inductor compiles it to a slower moons step: 3.7 against 3.0 ms)
+        first = a >= b
+        return torch.cat([torch.where(first, a, b), torch.where(first, b, a)], 1)
