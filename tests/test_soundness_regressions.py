@@ -297,3 +297,22 @@ def test_fused_adam_step_makes_the_bound_stale(make):
     with pytest.raises(UnconvergedBoundError):
         layer.power_bound()
     copy.deepcopy(layer).converge()                         # and a fresh converge() is what makes it usable again
+
+
+@pytest.mark.parametrize("change", ["one ulp", "sign of zero"])
+def test_a_one_bit_change_of_a_weight_makes_the_bound_stale(change):
+    # the freshness check compares the weights' bytes with those the bound was computed for: one bit is enough
+    torch.manual_seed(0)
+    layer = LipLinear(5, 4)
+    with torch.no_grad():
+        layer.weight[1, 2] = 0.0 if change == "sign of zero" else layer.weight[1, 2]
+    layer(torch.randn(3, 5))
+    layer.converge()
+    layer.certified_bound()
+    with torch.no_grad():
+        w = layer.weight[1, 2]
+        layer.weight[1, 2] = -0.0 if change == "sign of zero" else torch.nextafter(w, w + 1)
+    with pytest.raises(UnconvergedBoundError):
+        layer.certified_bound()
+    layer.converge()
+    layer.certified_bound()
