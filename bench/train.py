@@ -165,28 +165,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def global_rng_state() -> Dict[str, object]:
-    """The process-wide generators (torch, numpy, Python, CUDA), as tensors a checkpoint stores."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
-    if _cuda_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_global_rng_state(state: Mapping[str, object]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((3, tuple(state["python"].tolist()), None))   # tolist: iterating a tensor is ~100× slower
-    if "cuda" in state and _cuda_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def process_rng() -> tuple:
-    """The process-wide generators as they are (no conversion): a pack swaps each member's in and out at every
-    epoch end, ~10× cheaper than `global_rng_state`."""
+    """The process-wide generators (torch, numpy, Python, CUDA) as they are, no conversion: a pack swaps each
+    member's in and out at every epoch end, ~10× cheaper than `global_rng_state`."""
     return (torch.get_rng_state(), np.random.get_state(), random.getstate(),
             torch.cuda.get_rng_state_all() if _cuda_available() else None)
 
@@ -196,8 +177,26 @@ def restore_process_rng(state: tuple) -> None:
     torch.set_rng_state(torch_state)
     np.random.set_state(np_state)
     random.setstate(py_state)
-    if cuda_state is not None:
+    if cuda_state is not None and _cuda_available():
         torch.cuda.set_rng_state_all(cuda_state)
+
+
+def global_rng_state() -> Dict[str, object]:
+    """`process_rng` as tensors, the form a checkpoint stores."""
+    torch_state, np_state, py_state, cuda_state = process_rng()
+    state = {"torch": torch_state,
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "python": torch.tensor(list(py_state[1]), dtype=torch.int64)}
+    if cuda_state is not None:
+        state["cuda"] = cuda_state
+    return state
+
+
+def set_global_rng_state(state: Mapping[str, object]) -> None:
+    restore_process_rng((state["torch"],
+                         ("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0),
+                         (3, tuple(state["python"].tolist()), None),   # tolist: iterating a tensor is ~100× slower
+                         state.get("cuda")))
 
 
 def _rng_state(gen: torch.Generator) -> Dict[str, object]:
