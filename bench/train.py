@@ -80,8 +80,8 @@ def build_model(cfg: Mapping[str, object], data: DataBundle, device="cpu"):
     normalize = cfg.get("normalize")
     model = ARCHS.get(str(cfg["arch"]))(data.input_shape, data.num_classes,
                                         normalize=tuple(normalize) if normalize else None)
-    if hasattr(model, "configure"):  # a network with options of its own in the config (Local-Lip-B's iterations)
-        model.configure(cfg)
+    if hasattr(model, "configure"):  # a network with options of its own (Local-Lip-B's iterations, warm starts)
+        model.configure(cfg, data)
     return model.to(device)
 
 
@@ -256,12 +256,12 @@ def training_batch(data: DataBundle, cfg: Mapping[str, object], idx: torch.Tenso
 
 
 def train_step(model, forward, method, opt, sched, xb, yb, progress: float, power_iter: int,
-               tally: EpochTally) -> None:
+               tally: EpochTally, index: Optional[torch.Tensor] = None) -> None:
     """One optimizer step: forward, the bound at this batch and the method's ε (input-aware nets; global ones
-    ignore both), the loss, backward, the update, the constraint projection (Local-Lip-B's θ ≥ 0) and the lr
-    (`sched` None: the caller steps it)."""
+    ignore both; `index`, the batch's rows in the training set, finds per-image warm starts), the loss, backward,
+    the update, the constraint projection (Local-Lip-B's θ ≥ 0) and the lr (`sched` None: the caller steps it)."""
     logits = forward(xb)
-    bound = model.bound(x=xb, eps=method.bound_eps(progress), n_iter=power_iter)
+    bound = model.bound(x=xb, eps=method.bound_eps(progress), n_iter=power_iter, index=index)
     loss, logs = method.loss(logits, yb, bound, progress)
     tally.add(loss, logits, yb, logs)
     opt.zero_grad(set_to_none=True)
@@ -304,7 +304,7 @@ def plan_budget(cfg: Mapping[str, object], data: DataBundle, model, device: torc
     def step(k: int) -> None:
         idx = torch.randperm(len(data.y_train), generator=gen)[:bs].to(device)
         xb, yb = training_batch(data, cfg, idx, gen)
-        train_step(probe, forward, method, opt, sched, xb, yb, 0.5, power_iter, tally)
+        train_step(probe, forward, method, opt, sched, xb, yb, 0.5, power_iter, tally, idx)
         if (k + 1) % max(1, int(cfg["sync_every"])) == 0:
             bool(torch.isfinite(tally.loss))
 
@@ -452,9 +452,13 @@ class Run:
             self.cfg = {**self.cfg, "epochs": epochs}
             self.budget.update(epochs=epochs, replans=int(self.budget.get("replans", 0)) + 1)
 
-    def batch(self, it: int, perm: torch.Tensor):
+    def batch_rows(self, it: int, perm: torch.Tensor) -> torch.Tensor:
+        """The training-set rows of step `it` of the epoch ordered by `perm`."""
         bs = int(self.cfg["batch_size"])
-        return training_batch(self.data, self.cfg, perm[it * bs:(it + 1) * bs], self.gen)
+        return perm[it * bs:(it + 1) * bs]
+
+    def batch(self, it: int, perm: torch.Tensor):
+        return training_batch(self.data, self.cfg, self.batch_rows(it, perm), self.gen)
 
     def epoch_order(self) -> torch.Tensor:
         return torch.randperm(len(self.data.y_train), generator=self.gen).to(self.device)
@@ -556,7 +560,8 @@ def train_run(cfg: Dict[str, object], folder: Path, on_epoch: Optional[Callable[
         tally = EpochTally(device)
         for it in range(run.steps_per_epoch):
             xb, yb = run.batch(it, perm)
-            train_step(model, forward, method, opt, None, xb, yb, run.progress, power_iter, tally)
+            train_step(model, forward, method, opt, None, xb, yb, run.progress, power_iter, tally,
+                       run.batch_rows(it, perm))
             run.advance()
             sched.step()
             # a host sync every `sync_every` steps (and at epoch end) instead of one per step

@@ -1,17 +1,17 @@
-"""Local-Lip-B's warm start: what lipbench's shared start costs in bound quality, and what the official store costs
-in memory.
+"""Local-Lip-B's warm start: bound quality against memory, lipbench's 4-bit store against the official one.
 
 The official trainer stores, for every training image and every layer, the last singular vector of its masked
 power iteration and restarts from it the next epoch (`u_train`: ≈ 114 k floats per CIFAR-10 image for 6C2F,
-23 GB of pinned host memory). lipbench starts every image's masked iteration from its layer's own *global*
-power iterate (the top right singular vector of the unmasked W_i, kept by the layer anyway): no memory per image.
+23 GB of pinned host memory). lipbench stores those iterates at 4 bits per value, the earliest layers first,
+within `warm_start_gb` (`WarmStartStore`); the other layers start from their own *global* power iterate.
 
 This script measures, on a run's checkpoint (or a freshly built net), for N test images at radius ε, the local
 norms ‖D_i W_i D_{i−1}‖ after `--steps` power-iteration steps (training uses 2) from
   * a random start (no warm start at all),
-  * lipbench's shared start (the global iterate, masked),
+  * the shared start alone (every layer from its global iterate, masked; `warm_start_gb: 0`),
   * the converged per-image vector (the limit the official per-image store approaches when the weights move
     slowly: its best case),
+  * the same vector through lipbench's store at `--budget-gb` for a training set of `--train-size` images,
 against the converged norms (`--converge` steps), per layer and for the product K(x) = ∏ σ_i. Ratios below 1 are
 under-estimates (power iteration approaches from below).
 
@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--converge", type=int, default=500)
     p.add_argument("--data-root", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-gb", type=float, default=2.0, help="lipbench's store budget (warm_start_gb)")
+    p.add_argument("--train-size", type=int, default=50_000, help="training images the store is sized for")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.run:
@@ -71,7 +73,13 @@ def main(argv=None) -> int:
         B = x.shape[0]
         shared = [layer.power_iterate.detach().double().reshape(1, *layer.operator_input_shape)
                   .expand(B, *layer.operator_input_shape) for layer, _ in net.hidden]
-        starts = {"random": None, "lipbench shared (global iterate)": shared, "per-image converged (official)": vecs}
+        shapes = [layer.operator_input_shape for layer, _ in net.hidden]
+        layers, nbytes = ll.WarmStartStore.plan(shapes, args.train_size, int(args.budget_gb * 1e9))
+        store = ll.WarmStartStore(shapes, B, 0, x.device, layers=layers)   # the training set's plan, B rows
+        rows = torch.arange(B)
+        store.save(rows, vecs)
+        starts = {"random": None, "shared (global iterate)": shared, "per-image converged (official)": vecs,
+                  f"lipbench store ({args.budget_gb:g} GB)": store.starts(rows, shared)}
         print(f"{B} test points, ε = {args.eps:.4f}, {args.steps} steps against {args.converge}")
         print(f"{'start':34s} " + " ".join(f"{'layer ' + str(i):>10s}" for i in range(limit.shape[1]))
               + f" {'K(x) mean':>10s} {'K(x) min':>10s}")
@@ -81,11 +89,10 @@ def main(argv=None) -> int:
             K = norms.prod(1) / limit.prod(1)
             print(f"{name:34s} " + " ".join(f"{float(ratio[:, i].mean()):10.4f}" for i in range(ratio.shape[1]))
                   + f" {float(K.mean()):10.4f} {float(K.min()):10.4f}")
-    n_train = 50_000
-    print(f"memory: official per-image store {official_store_bytes(net, n_train) / 1e9:.1f} GB for {n_train} "
-          f"training images (float32); lipbench's shared start 0 bytes per image "
-          f"({sum(math.prod(layer.operator_input_shape) for layer, _ in net.hidden) * 4 / 1e6:.2f} MB in all, "
-          f"the layers' own iterates)")
+    print(f"memory for {args.train_size} training images: official per-image store (float32) "
+          f"{official_store_bytes(net, args.train_size) / 1e9:.2f} GB; lipbench's store "
+          f"{nbytes / 1e9:.2f} GB (4 bits per value, layers {layers}), plus the layers' own "
+          f"iterates {sum(math.prod(layer.operator_input_shape) for layer, _ in net.hidden) * 4 / 1e6:.2f} MB")
     return 0
 
 

@@ -28,9 +28,11 @@ certified ∧ correct equals the official argmax(z̃) = y up to ties.
 Evaluation certifies the test split only, once at the end (`eval_every` = the run's length): each certified
 pass runs the local bound per point and per ε (the official code evaluates every epoch with 100 steps instead of
 2000; metrics.csv keeps loss and accuracy per epoch). Deviations: the official code keeps the checkpoint with the best test robust error after the ramp; lipbench
-reports the last epoch. The official warm start stores every training image's singular vectors between epochs
-(23 GB pinned host memory for 6C2F); lipbench warm-starts from the network's own per-layer iterates
-(bench/nn/families/local_lip.py documents what this costs).
+reports the last epoch. The official warm start stores every training image's last iterate of every layer between
+epochs in float32 (23 GB of pinned host memory for CIFAR-10 6C2F); lipbench stores them at 4 bits per value, the
+earliest layers first, within `warm_start_gb` (default 2: the first four layers of 6C2F, 1.92 GB; the rest start
+from the layer's global iterate; `WarmStartStore` in bench/nn/families/local_lip.py, measured by
+benchmarks/local_lip_warm_start.py). `warm_start_gb: 0` starts every image from the global iterates.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ class LocalLipB(Method):
         "kappa_end": 0.0,     # κ after the ramp (official --kappa)
         "power_iter": 2,      # power-iteration steps per layer and training step (official --sniter), global
                               # ball and masked local norms alike
+        "warm_start_gb": 2.0,  # per-image warm starts of the masked iteration, 4 bits per value (official: all
+                               # layers in float32, 23 GB for CIFAR-10 6C2F)
         "eval_batch": 256,    # the published rule's stopping tests are batch-wide: the official test batch
         "opt_iter": 1,        # BCP clipping rounds in training (official --opt_iter)
         "cert_sniter": 2000,  # power-iteration steps of the published certificate (evaluate.py --test_sniter)

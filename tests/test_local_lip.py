@@ -353,3 +353,60 @@ def test_training_bound_is_differentiable_and_converges_to_the_published_one():
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
     assert all(float(a.theta.grad.abs().max()) > 0 for _, a in net.hidden)
     assert 0.0 <= float(err) <= 1.0
+
+
+def test_warm_start_store_plan_codes_and_fallbacks():
+    """The 4-bit per-image store: CIFAR-10 6C2F under 2 GB holds its first four layers (1.92 GB, against the
+    official float32 store's 22.7 GB); a code decodes to the start within half a level of every entry; an image
+    not yet seen, a layer not stored and an iterate that was zero start at the shared iterate."""
+    net = ARCHS.get("6c2f-relux")((3, 32, 32), 10)
+    shapes = [layer.operator_input_shape for layer, _ in net.hidden]
+    plan = ll.WarmStartStore(shapes, 50_000, int(2e9), "cpu")
+    assert sorted(plan.codes) == [0, 1, 2, 3] and plan.nbytes == 50_000 * (1 + (3072 + 32768 * 2 + 8192) // 2)
+    assert sum(math.prod(s) for s in shapes) * 4 * 50_000 > 22.7e9
+    del plan
+    shapes = [(2, 3, 3), (5,), (40,)]
+    store = ll.WarmStartStore(shapes, 6, 6 + 6 * (9 + 3), "cpu")          # room for the first two layers only
+    assert sorted(store.codes) == [0, 1]
+    g = torch.Generator().manual_seed(0)
+    u = [torch.randn(3, *s, generator=g, dtype=torch.float64) for s in shapes]
+    u[1][2] = 0.0                                                           # a zero iterate
+    shared = [torch.full((3, *s), 0.5, dtype=torch.float64) for s in shapes]
+    idx = torch.tensor([4, 0, 2])
+    assert all(torch.equal(a, b) for a, b in zip(store.starts(idx, shared), shared))   # nothing seen yet
+    store.save(idx, u)
+    starts = store.starts(torch.tensor([2, 4, 1]), shared)
+    for k in (0, 1):
+        got, want = starts[k][1], u[k][0]                                   # image 4 was row 0 of the save
+        scale = want.abs().max() / ll.WarmStartStore.LEVELS
+        assert float((got * scale - want).abs().max()) <= 0.5 * float(scale) * (1 + 1e-6)
+        assert torch.equal(starts[k][2], shared[k][2])                      # image 1: never seen
+    assert torch.equal(starts[1][0], shared[1][0])                          # image 2's layer-1 iterate was zero
+    assert not torch.equal(starts[0][0], shared[0][0])
+    assert torch.equal(starts[2], shared[2])                                # layer 2 is not stored
+
+
+def test_training_bound_warm_starts_per_image():
+    """`net.bound(x, eps, n_iter, index)` restarts each image where its last iteration ended: two steps per call
+    approach the converged local norms call after call, as the official per-image store does; without a budget
+    (or without `index`) every call starts afresh at the global iterates. The store is outside the state dict,
+    and a copy of the network has none."""
+    import copy
+    z = fixture(CASES[1])
+    net = official_net(z)
+    net.converge()
+    x, eps = t64(z["x"]), float(z["epsilon"])
+    idx = torch.arange(x.shape[0]) + 3
+    with torch.no_grad():
+        limit = net.bound(x, eps, n_iter=3000).K_up
+        net.warm_start_bytes, net.train_size = 0, 64
+        fresh = [net.bound(x, eps, n_iter=1, index=idx).K_up for _ in range(3)]
+        net.warm_start_bytes = 10 ** 6
+        warm = [net.bound(x, eps, n_iter=1, index=idx).K_up for _ in range(6)]
+    # (each call also advances the converged global iterates, by rounding only)
+    assert all(torch.allclose(f, fresh[0], rtol=1e-9) for f in fresh + warm[:1])
+    gaps = [float((limit - w).abs().max() / limit.max()) for w in warm]
+    assert gaps[-1] < 0.2 * gaps[0] and gaps[-1] < float((limit - fresh[0]).abs().max() / limit.max())
+    assert sorted(net.warm_starts.codes) == [0, 1, 2]
+    assert not any("warm" in k for k in net.state_dict())
+    assert copy.deepcopy(net).warm_starts is None and net.warm_starts is not None

@@ -86,3 +86,28 @@ def test_short_run_writes_both_certificates_and_passes_the_audit(tmp_path, tiny_
     report = audit.audit_run(folder, audit.AuditOptions(points=16, restarts=1, steps=20), write=False)
     assert report["status"] == "pass", report["findings"]
     assert report["attack"]["n_broken"] == 0 and report["attack"]["attacked"] > 0
+
+
+def test_training_steps_fill_the_per_image_warm_start_store(tiny_plugins):
+    """The engine hands each step's training-set rows to the bound: after a step the store holds those images'
+    iterates, sized by the run's `warm_start_gb` for its training set (`warm_start_gb: 0`: no store)."""
+    from bench.train import EpochTally, build_data, build_model, train_step, training_forward
+    from bench.optim import make_optimizer
+    for budget in (2.0, 0.0):
+        cfg = resolve({"method": "local-lip", "arch": "_ll-tiny", "dataset": "_ll-images", "batch_size": 32,
+                       "device": "cpu", "warm_start_gb": budget})
+        cfg = {**cfg, "seed": 1}
+        data = build_data(cfg)
+        model = build_model(cfg, data)
+        method = METHODS.get("local-lip")(cfg, data.num_classes)
+        opt = make_optimizer(cfg, model)
+        idx = torch.tensor([5, 77, 3, 100])
+        xb, yb = data.inputs(data.x_train[idx]), data.y_train[idx]
+        train_step(model, training_forward(model, cfg, torch.device("cpu")), method, opt, None, xb, yb, 0.9,
+                   2, EpochTally(torch.device("cpu")), idx)
+        store = model.warm_starts
+        if budget == 0.0:
+            assert store is None
+            continue
+        assert store.seen.shape == (128,) and torch.equal(store.seen.nonzero().flatten(), idx.sort().values)
+        assert sorted(store.codes) == [0, 1, 2] and bool((store.codes[0][idx] != 0).any(1).all())

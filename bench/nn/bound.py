@@ -159,9 +159,11 @@ class LipschitzNet(nn.Module):
             return None
         return self.classifier.rows() if hasattr(self.classifier, "rows") else self.classifier.weight
 
-    def bound(self, x: Optional[torch.Tensor] = None, eps: Optional[float] = None, n_iter: int = 5) -> PairwiseBound:
+    def bound(self, x: Optional[torch.Tensor] = None, eps: Optional[float] = None, n_iter: int = 5,
+              index: Optional[torch.Tensor] = None) -> PairwiseBound:
         """Training-time pairwise bound: `n_iter` power-iteration steps per layer, gradient through σ. A global
-        bound holds everywhere, so it ignores the batch `x` and the radius `eps` (input-aware networks use both)."""
+        bound holds everywhere, so it ignores the batch `x`, the radius `eps` and the batch's training-set rows
+        `index` (input-aware networks use them)."""
         # device and dtype from any parameter: a 1-Lipschitz last layer may have no `weight` (truncation, SOC)
         ref = next(self.parameters())
         K_up = torch.ones((), device=ref.device, dtype=ref.dtype)

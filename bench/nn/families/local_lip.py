@@ -160,41 +160,64 @@ class LocalLipNet(LipschitzNet):
     #: power-iteration steps and BCP rounds of the published rule (official final evaluation: 2000 / 1000)
     cert_n_iter = 2000
     cert_opt_iter = 1000
+    #: bytes the per-image warm starts may use (`warm_start_gb`), and the training set's size; 0 / None: every
+    #: image starts from its layer's global iterate
+    warm_start_bytes = 0
+    train_size: Optional[int] = None
+    warm_starts: Optional["WarmStartStore"] = None
 
     def __init__(self, features: nn.Sequential, classifier: nn.Linear, input_shape, num_classes, normalize=None):
         super().__init__(features, classifier, input_shape, num_classes, normalize=normalize)
         self.hidden: List[Tuple[nn.Module, ReLUTheta]] = _hidden_pairs(features)
 
-    def configure(self, cfg) -> None:
+    def configure(self, cfg, data=None) -> None:
         """The published rule's iteration counts from the run's config (methods/local_lip.py `cert_sniter`,
-        `cert_opt_iter`; a short run's `cert_sniter_short`); the engine calls this when it builds the network
-        (train, audit, load_run alike)."""
+        `cert_opt_iter`; a short run's `cert_sniter_short`) and the warm-start store's budget (`warm_start_gb`,
+        sized for `data`'s training set); the engine calls this when it builds the network (train, audit,
+        load_run alike; the store itself is allocated by the first training step that passes image indices)."""
         from bench.config import is_short_run
         self.cert_n_iter = int(cfg.get("cert_sniter", self.cert_n_iter))
         if is_short_run(cfg) and cfg.get("cert_sniter_short"):
             self.cert_n_iter = min(self.cert_n_iter, int(cfg["cert_sniter_short"]))
         self.cert_opt_iter = int(cfg.get("cert_opt_iter", self.cert_opt_iter))
+        self.warm_start_bytes = int(float(cfg.get("warm_start_gb") or 0.0) * 1e9)
+        self.train_size = None if data is None else len(data.y_train)
+        self.warm_starts = None
 
     def project_(self) -> None:
         """θ ← max(θ, 0) in every ReLU_θ (after each optimizer step)."""
         for _, act in self.hidden:
             act.project_()
 
-    def bound(self, x: Optional[torch.Tensor] = None, eps: Optional[float] = None, n_iter: int = 5):
+    def bound(self, x: Optional[torch.Tensor] = None, eps: Optional[float] = None, n_iter: int = 5,
+              index: Optional[torch.Tensor] = None):
         """Without (x, eps): the global PairwiseBound. With both: the training-time local bound of the batch
         (`LocalBound`, differentiable, power-iterated as published): the ball's global norms from each layer's
-        `train_bound(n_iter)`, the local norms from `n_iter` masked power-iteration steps started at each layer's
-        own global iterate (the official code instead stores every training image's last vectors: ~23 GB of
-        pinned memory for 6C2F on CIFAR-10; a cold start from the global iterate needs more steps to match)."""
+        `train_bound(n_iter)`, the local norms from `n_iter` masked power-iteration steps. Each image's iteration
+        starts where its own last one ended (`WarmStartStore`, for the layers its budget holds, found by `index`,
+        the batch's rows in the training set) or else at its layer's global iterate."""
         if x is None or eps is None:
             return super().bound(n_iter=n_iter)
         ib = interval_bounds(self, x, eps, [layer.train_bound(n_iter) for layer, _ in self.hidden])
         init = [layer.power_iterate.detach().reshape(1, *layer.operator_input_shape)
                 .expand(x.shape[0], *layer.operator_input_shape) for layer, _ in self.hidden]
-        norms, _ = local_layer_norms(self, ib.masks, n_iter, init)
+        store = self._warm_start_store(index)
+        if store is not None:
+            init = store.starts(index, init)
+        norms, vecs = local_layer_norms(self, ib.masks, n_iter, init)
+        if store is not None:
+            store.save(index, vecs)
         factor = 1.0 if self.norm_mean is None else self.input_factor
         return LocalBound(norms.prod(1) * factor, self.classifier.weight, ib.logits, ib.mu,
                           penultimate_radius(eps * factor, norms), ib.centre, ib.radius)
+
+    def _warm_start_store(self, index: Optional[torch.Tensor]) -> Optional["WarmStartStore"]:
+        if index is None or not self.warm_start_bytes or not self.train_size:
+            return None
+        if self.warm_starts is None or self.warm_starts.device != index.device:
+            self.warm_starts = WarmStartStore([layer.operator_input_shape for layer, _ in self.hidden],
+                                              self.train_size, self.warm_start_bytes, index.device)
+        return self.warm_starts
 
     def local_certificate(self, x: torch.Tensor, eps: float, rule: str = "sound"):
         """(certified [B], K̄ [B], predicted class [B]) for bench/certify.py: K̄ = K(x)·max_ij ‖W_i − W_j‖
@@ -479,6 +502,89 @@ def local_layer_norms(net: LocalLipNet, masks: Sequence[torch.Tensor], n_iter: i
     return torch.stack(norms, 1), vecs
 
 
+class WarmStartStore:
+    """Per-image warm starts of the training-time masked power iteration, 4 bits per value.
+
+    The official trainer keeps every training image's last iterate of every layer (`u_train`, float32: 23 GB of
+    pinned host memory for CIFAR-10 6C2F) and restarts each image's iteration from it the next epoch. A start only
+    has to lie close to the top singular vector: the iteration normalises it (its scale is irrelevant) and damps
+    each error component by (σ_k/σ_1)² per step. So each stored iterate is kept as signed integers
+    q = round(7·u/max|u|) in [−7, 7], two to a byte, 1/8 of float32.
+
+    Layers are taken in network order, each if its codes for the whole training set still fit the budget. Earliest
+    first because there a shared start loses most. CIFAR-10 6C2F under 2 GB stores its first four layers
+    (1.92 GB). Measured on the 6C2F smoke model (benchmarks/local_lip_warm_start.py, 16 test points, 2 steps
+    against 400): the global iterate reaches 0.92/0.88/0.95 of the masked norms of the three 32×32 layers and
+    ≥ 0.9996 of the others, K(x) 0.77 on average; the converged per-image vector through this store ≥ 0.9987 of
+    every layer, K(x) 0.997 (min 0.995), where the official float32 vector gives 1. A layer not stored, an image
+    not yet seen, and an iterate that was zero start at the layer's global iterate.
+
+    The store lives on the training device outside the state dict: it is not checkpointed (a resumed run starts
+    afresh, as the official store, which is only in memory), and a deepcopy of the network gets none."""
+
+    LEVELS = 7
+
+    def __init__(self, shapes: Sequence[Sequence[int]], n_images: int, budget: int, device,
+                 layers: Optional[Sequence[int]] = None):
+        self.device = torch.device(device)
+        self.shapes = [tuple(int(d) for d in shape) for shape in shapes]
+        layers, self.nbytes = self.plan(self.shapes, n_images, budget) if layers is None else \
+            (layers, n_images * (1 + sum(self._row(self.shapes[k]) for k in layers)))
+        self.seen = torch.zeros(n_images, dtype=torch.bool, device=self.device)
+        self.codes = {k: torch.zeros(n_images, self._row(self.shapes[k]), dtype=torch.uint8, device=self.device)
+                      for k in layers}
+
+    @staticmethod
+    def _row(shape: Sequence[int]) -> int:
+        return (math.prod(shape) + 1) // 2
+
+    @classmethod
+    def plan(cls, shapes: Sequence[Sequence[int]], n_images: int, budget: int) -> Tuple[List[int], int]:
+        """(the layers stored, bytes in all) for `n_images` images: in network order, each that still fits."""
+        layers, nbytes = [], n_images                      # one "seen" flag per image
+        for k, shape in enumerate(shapes):
+            if nbytes + n_images * cls._row(shape) <= budget:
+                layers.append(k)
+                nbytes += n_images * cls._row(shape)
+        return layers, nbytes
+
+    def __deepcopy__(self, memo):
+        return None
+
+    @classmethod
+    def encode(cls, u: torch.Tensor) -> torch.Tensor:
+        """[B, ...] → [B, ⌈n/2⌉] uint8: q + 8 in the low then the high nibble."""
+        f = torch.nan_to_num(u.detach().reshape(u.shape[0], -1).float(), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = f.abs().amax(1, keepdim=True).clamp_min(1e-30)
+        q = torch.round(f * (cls.LEVELS / scale)).to(torch.int16) + 8
+        if q.shape[1] % 2:
+            q = F.pad(q, (0, 1), value=8)
+        q = q.reshape(q.shape[0], -1, 2)
+        return (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8)
+
+    @staticmethod
+    def decode(codes: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, ⌈n/2⌉] uint8 → [B, n] in `dtype` (integers in [−7, 7])."""
+        lo, hi = (codes & 15).to(dtype) - 8, (codes >> 4).to(dtype) - 8
+        return torch.stack([lo, hi], dim=-1).reshape(codes.shape[0], -1)[:, :n]
+
+    def starts(self, index: torch.Tensor, shared: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Each layer's start for the training images `index`: the stored iterate, else `shared[k]`."""
+        out, seen, B = list(shared), self.seen[index], index.shape[0]
+        for k, codes in self.codes.items():
+            shape = self.shapes[k]
+            u = self.decode(codes[index], math.prod(shape), shared[k].dtype)
+            ok = seen & (u.abs().amax(1) > 0)
+            out[k] = torch.where(ok.reshape(B, *[1] * len(shape)), u.reshape(B, *shape), shared[k])
+        return out
+
+    def save(self, index: torch.Tensor, vectors: Sequence[torch.Tensor]) -> None:
+        """Keep the final iterates of the images `index` (rows of a permutation: no repeats)."""
+        for k, codes in self.codes.items():
+            codes[index] = self.encode(vectors[k])
+        self.seen[index] = True
+
+
 def _explicit_matrix(layer: nn.Module, w: torch.Tensor, shape: Sequence[int], limit: int) -> Optional[torch.Tensor]:
     """The layer's linear operator as a float64 matrix [out, in], or None above `limit` entries. Exact: a conv
     entry is one kernel tap or 0 (unfold of the basis is a 0/1 selection with at most one 1 per tap and output
@@ -721,6 +827,7 @@ def local_certificate(net: LocalLipNet, x: torch.Tensor, eps: float, rule: str =
 
 
 __all__ = ["ReLUTheta", "LocalLipNet", "LocalBound", "build_local_lip", "local_lip_modules", "LOCAL_LIP_ARCHS",
-           "official_global_norms", "IntervalBounds", "interval_bounds", "local_layer_norms", "local_norm_bounds",
+           "official_global_norms", "WarmStartStore", "IntervalBounds", "interval_bounds", "local_layer_norms",
+           "local_norm_bounds",
            "penultimate_radius", "bcp_translation", "bcp_upper_bound", "worst_case_logits", "gloro_logits",
            "robust_loss", "gloro_loss", "LocalCertificate", "local_certificate"]
