@@ -193,10 +193,36 @@ LOOSER_RTOL = 1e-6
 RECERTIFY_VALUES = 2 ** 19
 
 
-def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, object]:
+class ProgressReport:
+    """Progress of the audit's long steps as plain lines on `stream` (a terminal or a log): at most one every
+    `every` seconds, and none for a step that ends sooner. A float64 re-certification runs for hours on a CPU
+    (SOC's LipConv-10 at ~0.6 s per CIFAR-10 image)."""
+
+    def __init__(self, stream, prefix: str, every: float = 30.0, clock=time.monotonic):
+        self.stream, self.prefix, self.every, self.clock = stream, prefix, every, clock
+        self.last = clock()
+        self.started: Dict[str, float] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = self.clock()
+        t0 = self.started.setdefault(what, now)
+        if now - self.last < self.every or now - t0 < self.every or done <= 0:
+            return
+        self.last = now
+        left = (now - t0) / done * (total - done)
+        print(f"{self.prefix}: {what}: {done:,}/{total:,} points, {_minutes(now - t0)} so far, ~{_minutes(left)} "
+              "left", file=self.stream, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def recertify(model, data, cfg, result, splits: Sequence[str],
+              report: Optional[ProgressReport] = None) -> Dict[str, object]:
     """Clean accuracy, CRA (guaranteed), CRA (power) and, where the family has one, CRA under its published rule,
     per ε on each split and test subset, recomputed in float64 through the one certification path
-    (`certify.certify_split`), side by side with result.json."""
+    (`certify.certify_split`), side by side with result.json. `report` hears of each batch."""
     from bench.train import evaluation_split, resolve_eps_names
 
     eps = resolve_eps_names(cfg)
@@ -213,7 +239,10 @@ def recertify(model, data, cfg, result, splits: Sequence[str]) -> Dict[str, obje
         y = y.cpu()
         # the bounds are the checkpoint model's; the forward runs on an exact float64 up-cast of it
         sc = certify.certify_split(model, x, eps, torch.float64, batch, to_input=data.inputs, rules=certify.RULES,
-                                  converge_tol=float(cfg["converge_tol"]))
+                                  converge_tol=float(cfg["converge_tol"]),
+                                  progress=None if report is None else
+                                  lambda done, total, split=split: report(f"float64 re-certification of {split}",
+                                                                          done, total))
         sc32 = None
         for key, mask in subsets.items():
             yy = y if mask is None else y[mask]
@@ -558,8 +587,10 @@ def _label(cfg: Dict[str, object]) -> str:
         return "?"
 
 
-def audit_run(folder: os.PathLike, opts: Optional[AuditOptions] = None, write: bool = True) -> Dict[str, object]:
-    """Audit one run folder; returns the audit (also written to <folder>/audit.json unless write=False).
+def audit_run(folder: os.PathLike, opts: Optional[AuditOptions] = None, write: bool = True,
+              progress=None) -> Dict[str, object]:
+    """Audit one run folder; returns the audit (also written to <folder>/audit.json unless write=False); progress
+    lines of the long steps go to the stream `progress` (None: silent).
     `status` is pass, fail (findings), corrupt (result.json or config unreadable) or skipped (unfinished or
     diverged: nothing certified to audit). Raises DatasetNotFoundError when the run's data is missing."""
     from bench import train as engine
@@ -639,7 +670,8 @@ def audit_run(folder: os.PathLike, opts: Optional[AuditOptions] = None, write: b
         want_train = "train" in (result.get("eval") or {}) and x_tr.numel() <= TRAIN_SPLIT_MAX_VALUES
     if want_train:
         splits.append("train")
-    rec = recertify(model, data, cfg, result, splits)
+    report = None if progress is None else ProgressReport(progress, f"bench audit: {audit['label']}")
+    rec = recertify(model, data, cfg, result, splits, report)
     x_test, y_test, test_sc = rec.pop("_test")
     audit["recertify"] = {"dtype": "float64", "splits": rec, "seconds": round(time.perf_counter() - t0, 3)}
     n_disagree, notes = 0, []
@@ -764,8 +796,9 @@ def exit_status(audits: List[Dict[str, object]]) -> int:
 
 
 def main(target: str, results: str = "results", opts: Optional[AuditOptions] = None, console=None,
-         err=None) -> int:
-    """`bench audit`: resolve, audit every run, print the table, name every finding on stderr."""
+         err=None, quiet: bool = False) -> int:
+    """`bench audit`: resolve, audit every run, print the table, name every finding on stderr (with progress
+    lines of long steps unless `quiet`)."""
     from rich.console import Console
 
     opts = opts or AuditOptions()
@@ -782,7 +815,7 @@ def main(target: str, results: str = "results", opts: Optional[AuditOptions] = N
                                     + "; nothing certified to audit")
     audits = []
     for folder in folders:
-        a = audit_run(folder, opts)
+        a = audit_run(folder, opts, progress=None if quiet else err)
         audits.append(a)
         if a["status"] == "fail":
             shown: Dict[str, int] = {}

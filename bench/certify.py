@@ -12,7 +12,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,8 +101,10 @@ def certified_radius(logits: torch.Tensor, bound: PairwiseBound, num_classes: in
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32,
-            batch_size: int = 4096, to_input=None) -> torch.Tensor:
-    """Logits of a whole split, batched, in `dtype`, TF32 off. `to_input` maps stored values to data units."""
+            batch_size: int = 4096, to_input=None, progress: Optional[Callable[[int, int], None]] = None
+            ) -> torch.Tensor:
+    """Logits of a whole split, batched, in `dtype`, TF32 off. `to_input` maps stored values to data units;
+    `progress(done, total)` is called after each batch."""
     device = next(model.parameters()).device
     if next(model.parameters()).dtype != dtype:  # an exact up-cast copy: the same function, a finer forward
         model = copy.deepcopy(model).to(dtype)
@@ -112,6 +114,8 @@ def predict(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.
             xb = x[start:start + batch_size].to(device)
             xb = to_input(xb, dtype) if to_input is not None else xb.to(dtype)
             outs.append(model(xb).to(torch.float64).cpu())
+            if progress is not None:
+                progress(min(start + batch_size, len(x)), len(x))
     return torch.cat(outs) if outs else torch.empty(0, 0, dtype=torch.float64)
 
 
@@ -172,7 +176,8 @@ def _global_bound(model, rule: str) -> Optional[PairwiseBound]:
 
 def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str, float],
                   dtype: torch.dtype = torch.float32, batch_size: int = 4096, to_input=None,
-                  rules: Sequence[str] = ("sound", "power"), converge_tol: float = 1e-9) -> SplitCertificates:
+                  rules: Sequence[str] = ("sound", "power"), converge_tol: float = 1e-9,
+                  progress: Optional[Callable[[int, int], None]] = None) -> SplitCertificates:
     """Certify every point of a split at every named ε under each rule: the one certification path of lipbench
     (training's evaluation, `bench audit`, `load_run(...).certified`).
 
@@ -183,11 +188,12 @@ def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str
     point counts only where its certified class is the class the split's logits predict.
     The `published` rule is left out for a model that has none of its own. Forward passes run in `dtype` with TF32
     off; `seconds` is each rule's wall time, the forward pass included. `converge_tol` is the run's own tolerance,
-    used when an input-aware model is up-cast to `dtype` and its layers re-converged."""
+    used when an input-aware model is up-cast to `dtype` and its layers re-converged. `progress(done, total)` is
+    called after each batch (points of the split)."""
     rules = [r for r in rules if r != "published" or _has_published_rule(model)]
     if not getattr(model, "input_aware", False):
         t0 = time.perf_counter()
-        logits = predict(model, x, dtype, batch_size, to_input=to_input)
+        logits = predict(model, x, dtype, batch_size, to_input=to_input, progress=progress)
         forward = time.perf_counter() - t0
         out = SplitCertificates(logits)
         for rule in rules:
@@ -222,6 +228,8 @@ def certify_split(model: torch.nn.Module, x: torch.Tensor, eps_by_name: Dict[str
                     chunks[rule][name][0].append(ok.cpu())
                     chunks[rule][name][1].append(K.to(torch.float64).cpu())
                 seconds[rule] += forward + time.perf_counter() - t0
+            if progress is not None:
+                progress(min(start + batch_size, len(x)), len(x))
     empty_flags, empty_K = torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
     out = SplitCertificates(torch.cat(logits) if logits else torch.empty(0, model.num_classes, dtype=torch.float64),
                             seconds=seconds)

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--max-layer-entries", type=float, default=2e7,
                        help="form a layer's operator explicitly (exact norm) up to in × out entries (default 2e7)")
     audit.add_argument("--batch", type=int, help="attack rows per batch (default: by input size and device)")
+    audit.add_argument("--quiet", action="store_true", help="no progress lines (the float64 re-certification of a "
+                                                            "large net can take hours on a CPU)")
     audit.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
                        help="re-certify the train split too (default: when it is small, e.g. moons)")
 
@@ -222,7 +224,7 @@ def cmd_audit(args) -> int:
     opts = AuditOptions(points=args.points, restarts=args.restarts, steps=args.steps, targets=args.targets,
                         seed=args.seed, device=args.device, data_root=args.data_root,
                         max_layer_entries=args.max_layer_entries, batch=args.batch, train=args.train)
-    return audit_main(args.target, args.results, opts)
+    return audit_main(args.target, args.results, opts, quiet=args.quiet)
 
 
 def cmd_list(args) -> int:

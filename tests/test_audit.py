@@ -188,3 +188,19 @@ def test_layers_of_every_family_are_checked_exactly():
         stored = [0.5 * float(layer.certified_bound()) for layer in net._layers]
         _, findings = audit.check_layers(net, {"layer_bounds": stored}, 10)
         assert [f.kind for f in findings] == ["stored_bound_below"] * len(stored)
+
+
+def test_progress_lines_are_throttled():
+    """Long re-certifications report progress: nothing within the first 30 s of a step, then at most one line per
+    30 s, with the points done, the time so far and an estimate of the time left."""
+    import io
+    now = [0.0]
+    out = io.StringIO()
+    report = audit.ProgressReport(out, "bench audit: soc lipconv-10", clock=lambda: now[0])
+    for done in range(170, 10_001, 170):          # one batch of 170 images every 10 s
+        now[0] += 10.0
+        report("float64 re-certification of test", min(done, 10_000), 10_000)
+    lines = out.getvalue().splitlines()
+    assert 15 <= len(lines) <= 21                  # ~590 s of batches, one line per 30 s
+    assert lines[0].startswith("bench audit: soc lipconv-10: float64 re-certification of test: 680/10,000 points")
+    assert "30 s so far" in lines[0] and "left" in lines[0]
