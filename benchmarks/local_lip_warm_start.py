@@ -15,8 +15,14 @@ norms ‖D_i W_i D_{i−1}‖ after `--steps` power-iteration steps (training us
 against the converged norms (`--converge` steps), per layer and for the product K(x) = ∏ σ_i. Ratios below 1 are
 under-estimates (power iteration approaches from below).
 
+With `--dynamic E` (a run folder only) it measures the starts while the weights move instead: E visits of the
+same `--points` training images, one Adam step (lr 1e-3, the κ = 0.5 robust loss at ε = 0.1551) between visits;
+at each visit K(x) after 2 steps from the shared start, from lipbench's store and from the official float32
+vectors (each fed by its own previous visit), against 300 steps from the official vectors.
+
     python benchmarks/local_lip_warm_start.py results/cifar10/local-lip/6c2f-relux/<hash>/seed-1 --points 64
     python benchmarks/local_lip_warm_start.py --arch 6c2f-relux --points 64      # an untrained net
+    python benchmarks/local_lip_warm_start.py results/.../seed-1 --points 64 --dynamic 8
 """
 from __future__ import annotations
 
@@ -50,7 +56,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-gb", type=float, default=2.0, help="lipbench's store budget (warm_start_gb)")
     p.add_argument("--train-size", type=int, default=50_000, help="training images the store is sized for")
+    p.add_argument("--dynamic", type=int, default=0, help="visits with a training step between them (run only)")
     args = p.parse_args(argv)
+    if args.dynamic:
+        if not args.run:
+            p.error("--dynamic needs a run folder")
+        return dynamic(args)
     torch.manual_seed(args.seed)
     if args.run:
         from bench import load_run
@@ -93,6 +104,47 @@ def main(argv=None) -> int:
           f"{official_store_bytes(net, args.train_size) / 1e9:.2f} GB; lipbench's store "
           f"{nbytes / 1e9:.2f} GB (4 bits per value, layers {layers}), plus the layers' own "
           f"iterates {sum(math.prod(layer.operator_input_shape) for layer, _ in net.hidden) * 4 / 1e6:.2f} MB")
+    return 0
+
+
+def dynamic(args) -> int:
+    """The three starts over `args.dynamic` visits of the same training images, the weights moving between them."""
+    from bench import load_run
+    torch.manual_seed(args.seed)
+    run = load_run(args.run)
+    net = run.model.train()
+    x, y = run.data("train")
+    x, y = x[:args.points].float(), y[:args.points]
+    B, eps, rows = x.shape[0], 0.1551, torch.arange(x.shape[0])
+    shapes = [layer.operator_input_shape for layer, _ in net.hidden]
+    layers, nbytes = ll.WarmStartStore.plan(shapes, args.train_size, int(args.budget_gb * 1e9))
+    store = ll.WarmStartStore(shapes, B, 0, x.device, layers=layers)
+    official = None
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    print(f"{B} training images, ε = {eps}, K(x) after 2 steps / after 300 steps from the official vectors "
+          f"(mean, min); lipbench's store: layers {layers}, {nbytes / 1e9:.2f} GB for {args.train_size} images")
+    print(f"{'visit':>5s} {'shared start':>18s} {'lipbench store':>18s} {'official float32':>18s}")
+    for visit in range(args.dynamic):
+        with torch.no_grad():
+            ib = ll.interval_bounds(net, x, eps, [layer.train_bound(2).detach() for layer, _ in net.hidden])
+            shared = [layer.power_iterate.detach().reshape(1, *layer.operator_input_shape)
+                      .expand(B, *layer.operator_input_shape) for layer, _ in net.hidden]
+            ref, _ = ll.local_layer_norms(net, ib.masks, 300, official if official is not None else shared, tol=0.0)
+            out = {}
+            for name, init in (("shared", shared), ("store", store.starts(rows, shared)),
+                               ("official", official if official is not None else shared)):
+                norms, vecs = ll.local_layer_norms(net, ib.masks, 2, init)
+                out[name] = (norms.prod(1) / ref.prod(1), vecs)
+        store.save(rows, out["store"][1])
+        official = [v.clone() for v in out["official"][1]]
+        print(f"{visit:5d} " + " ".join(f"{float(r.mean()):8.4f} {float(r.min()):8.4f} " for r, _ in out.values()),
+              flush=True)
+        bound = net.bound(x, eps, n_iter=2)
+        loss = ll.robust_loss(bound.logits, bound.worst_logits(y, 1), y, kappa=0.5)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        net.project_()
     return 0
 
 
