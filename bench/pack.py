@@ -66,7 +66,7 @@ DEFAULT_PACK = 16
 
 def default_pack_limit(cfgs: Sequence[Mapping[str, object]]) -> int:
     """`DEFAULT_PACK`, except for image networks trained on a CPU: there a step is compute-bound and the stacked
-    convolutions run slower than the single ones (`bench perf`: CLL 4C3F, K = 3, 0.58× the runs per hour of three
+    convolutions run slower than the single ones (`bench perf`: CLL 4C3F, K = 3, 0.66× the runs per hour of three
     unpacked runs on 2 cores), so each run trains alone."""
     from bench.registry import DATASETS
 
