@@ -33,38 +33,65 @@ def _params(folder):
     return {k: v for k, v in state.items() if k.endswith(("weight", "bias"))}
 
 
-def _assert_same_run(packed_folder, alone_folder, packed, alone):
+def _assert_same_run(packed_folder, alone_folder, packed, alone, rtol=1e-5):
     a, b = _params(packed_folder), _params(alone_folder)
     for k in a:
         rel = float((a[k] - b[k]).abs().max() / b[k].abs().max())
-        assert rel <= 1e-5, (k, rel)
+        assert rel <= rtol, (k, rel)
     assert packed["config_hash"] == alone["config_hash"]
     ra, rb = load_run(packed_folder), load_run(alone_folder)
     x, _ = ra.data("test")
     for name, eps in ((k, float(k)) for k in packed["eval"]["test"]["cra"]):
         assert torch.equal(ra.certified(x, eps), rb.certified(x, eps)), name
     assert packed["eval"] == alone["eval"]
-    assert packed["K_f"] == pytest.approx(alone["K_f"], rel=1e-5)
-    assert packed["lower_bound"] == pytest.approx(alone["lower_bound"], rel=1e-4)
+    assert packed["K_f"] == pytest.approx(alone["K_f"], rel=rtol)
+    assert packed["lower_bound"] == pytest.approx(alone["lower_bound"], rel=max(rtol, 1e-9) * 10)
 
 
-@pytest.mark.parametrize("method", ["cll", "gloro"])
-def test_packed_members_train_as_they_would_alone(tmp_path, method):
-    # two ε and two seeds in one pack (two loss groups), against each run trained alone, after 20 moons epochs.
-    # The batched products round differently from the single ones: parameters differ by ~1e-7 after one epoch.
-    # Training amplifies that slowly (5e-7 after 20 epochs here); GloRo at ε = 0.2, whose ⊥ logit switches its
-    # argmax, amplified it to 1e-4 by epoch 20 (measured), as any 1-ulp perturbation of its inputs would.
+@pytest.fixture
+def train_in(monkeypatch):
+    """`train_in(torch.float64)`: networks, iterates and training inputs in that dtype for the rest of the test
+    (lipbench trains in float32; float64 shrinks the rounding that packing reassociates to ~1e-16)."""
+    from bench.data.base import DataBundle
+
+    default = torch.get_default_dtype()
+
+    def use(dtype):
+        inputs = DataBundle.inputs
+        monkeypatch.setattr(DataBundle, "inputs", lambda self, x, dt=dtype: inputs(self, x, dt))
+        torch.set_default_dtype(dtype)
+    yield use
+    torch.set_default_dtype(default)
+
+
+# Two ε and two seeds in one pack, against each run trained alone, after 20 moons epochs (GloRo's float32 case:
+# 2 epochs, see below). A packed member computes what it would alone, up to reassociation in the batched products.
+# In float64 that leaves parameters within ~3e-14 of the unpacked run's after 20 epochs (measured; asserted to
+# 1e-9): the packing itself (seeds, data order, per-member ε, iterates, loss groups) is exact.
+# In float32 the same 1-ulp seed (~1e-7 after one epoch) can be amplified by training itself: where a layer's top
+# two singular values cluster, the warm-started power iterate in that plane is ill-conditioned (measured: a 1e-7
+# weight difference moved it 7e-3), and a loss with a strong gradient through σ carries that into the weights.
+# GloRo (ε = 0.1, seed 2) went from 5.7e-7 to 2.6e-5 at epoch 16 on one 2-core machine, and stayed within 1e-5 on
+# another; the same pack in float64 agrees to 3e-14. CLL's λ·K² term (λ = 1e-6) passes almost none of it on:
+# ≤ 2.3e-6 over the 20 float32 epochs.
+@pytest.mark.parametrize("method, dtype, epochs, rtol", [
+    ("cll", torch.float32, 20, 1e-5), ("gloro", torch.float32, 2, 1e-5),
+    ("cll", torch.float64, 20, 1e-9), ("gloro", torch.float64, 20, 1e-9)],
+    ids=["cll-float32", "gloro-float32", "cll-float64", "gloro-float64"])
+def test_packed_members_train_as_they_would_alone(tmp_path, train_in, method, dtype, epochs, rtol):
     # The two ε share one loss group: ε is a per-member tensor (`Method.member_scalars`), logged as its own value.
-    cfgs = [_moons(method, seed, eps=eps) for eps in (0.1, 0.15) for seed in (1, 2)]
+    train_in(dtype)
+    cfgs = [_moons(method, seed, eps=eps, epochs=epochs) for eps in (0.1, 0.15) for seed in (1, 2)]
     assert len({pack_key(c) for c in cfgs}) == 1
     packed = train_pack(cfgs, [store.run_dir(tmp_path / "pack", c) for c in cfgs])
     for cfg, result in zip(cfgs, packed):
         alone = train_run(cfg, store.run_dir(tmp_path / "alone", cfg))
         assert result["pack"]["members"] == 4
-        _assert_same_run(store.run_dir(tmp_path / "pack", cfg), store.run_dir(tmp_path / "alone", cfg), result, alone)
+        folder = store.run_dir(tmp_path / "pack", cfg)
+        assert all(p.dtype == dtype for p in _params(folder).values())
+        _assert_same_run(folder, store.run_dir(tmp_path / "alone", cfg), result, alone, rtol)
         # the trained members' guaranteed layer bounds (batched Gram iteration at their last evaluation) hold
-        weights = [w for k, w in _params(store.run_dir(tmp_path / "pack", cfg)).items()
-                   if k.startswith("features.") and k.endswith("weight")]
+        weights = [w for k, w in _params(folder).items() if k.startswith("features.") and k.endswith("weight")]
         exact = [float(torch.linalg.matrix_norm(w.double(), 2)) for w in weights]
         assert len(exact) == len(result["layer_bounds"]) == 6
         assert all(e <= b <= e * (1 + 1e-9) for e, b in zip(exact, result["layer_bounds"]))
