@@ -200,11 +200,16 @@ class Pack:
             # a [1] tensor, read as 0-d inside the graph: Dynamo takes a 0-d tensor input for a Python number,
             # which traces the whole step twice (~6 s of every compile)
             progress_t = torch.tensor([progress], dtype=torch.float64, device=x.device)
+            # the graph updates the power iterates in place: a first call that fails at run time may have done so
+            saved = None if self.compiled_steps else {k: v.clone() for k, v in self.buffers.items()}
             try:
                 loss, logits, logs = self.compiled(self.params, self.buffers, x, y, progress_t)
             except Exception as e:  # noqa: BLE001  (no C++ compiler, an op inductor lacks: the eager step)
-                if self.compiled_steps:
+                if saved is None:
                     raise
+                with torch.no_grad():
+                    for k, v in saved.items():
+                        self.buffers[k].copy_(v)
                 print(f"lipbench: the pack's step did not compile ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it trains eagerly",
                       file=sys.stderr)

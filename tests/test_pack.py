@@ -259,3 +259,29 @@ def test_a_pack_whose_step_cannot_compile_trains_eagerly(tmp_path, monkeypatch, 
     assert [r["status"] for r in results] == ["complete", "complete"]
     err = capsys.readouterr().err
     assert "did not compile (RuntimeError: InductorError: no working C++ compiler found); it trains eagerly" in err
+
+
+def test_a_compiled_step_that_fails_at_run_time_leaves_the_pack_as_an_eager_one(tmp_path, monkeypatch, capsys):
+    # a kernel that fails after it ran part of the graph (inductor's bounds check, an op that raises on these
+    # inputs): the iterates it advanced in place are put back, so the eager step the pack falls back to is the
+    # step an eager pack takes, bit for bit
+    def fails_after_running(fn, *args, **kwargs):
+        def failing(*a, **k):
+            fn(*a, **k)
+            raise RuntimeError("kernel, main.cpp:2325, index out of bounds: 0 <= tmp6 < 2L")
+        return failing
+
+    cfgs = [_moons("cll", s, epochs=2, pack_compile=False) for s in (1, 2)]
+    eager = train_pack(cfgs, [store.run_dir(tmp_path / "eager", c) for c in cfgs])
+    monkeypatch.setattr(torch, "compile", fails_after_running)
+    cfgs = [{**c, "pack_compile": True} for c in cfgs]
+    fallen = train_pack(cfgs, [store.run_dir(tmp_path / "fallen", c) for c in cfgs])
+    assert "did not compile (RuntimeError: kernel, main.cpp:2325, index out of bounds" in capsys.readouterr().err
+    for cfg, a, b in zip(cfgs, eager, fallen):
+        pa, pb = (store.load_checkpoint(store.run_dir(tmp_path / d, cfg) / store.CHECKPOINT)["model"]
+                  for d in ("eager", "fallen"))
+        assert pa.keys() == pb.keys()
+        assert not [k for k in pa if not torch.allclose(pa[k], pb[k], rtol=0, atol=0, equal_nan=True)]
+        assert a["eval"] == b["eval"] and a["K_f"] == b["K_f"]
+
+
