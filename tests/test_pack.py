@@ -64,18 +64,18 @@ def train_in(monkeypatch):
     torch.set_default_dtype(default)
 
 
-# Two ε and two seeds in one pack, against each run trained alone, after 20 moons epochs (GloRo's float32 case:
-# 2 epochs, see below). A packed member computes what it would alone, up to reassociation in the batched products.
-# In float64 that leaves parameters within ~3e-14 of the unpacked run's after 20 epochs (measured; asserted to
-# 1e-9): the packing itself (seeds, data order, per-member ε, iterates, loss groups) is exact.
-# In float32 the same 1-ulp seed (~1e-7 after one epoch) can be amplified by training itself: where a layer's top
-# two singular values cluster, the warm-started power iterate in that plane is ill-conditioned (measured: a 1e-7
-# weight difference moved it 7e-3), and a loss with a strong gradient through σ carries that into the weights.
-# GloRo (ε = 0.1, seed 2) went from 5.7e-7 to 2.6e-5 at epoch 16 on one 2-core machine, and stayed within 1e-5 on
-# another; the same pack in float64 agrees to 3e-14. CLL's λ·K² term (λ = 1e-6) passes almost none of it on:
-# ≤ 2.3e-6 over the 20 float32 epochs.
+# Two ε and two seeds in one pack, against each run trained alone. A packed member computes what it would alone,
+# up to reassociation in the batched products. In float64 that leaves parameters within ~3e-14 of the unpacked
+# run's after 20 moons epochs (measured; asserted to 1e-9): the packing itself (seeds, data order, per-member ε,
+# iterates, loss groups) is exact. In float32 the same 1-ulp seed (1e-7 to 2e-6 after one epoch, by CPU) can be
+# amplified by training itself: where a layer's top two singular values cluster, the warm-started power iterate in
+# their plane is ill-conditioned (a 1e-7 weight difference moved it 7e-3), and the loss's gradient through σ
+# carries that into the weights. Measured over 20 float32 epochs: GloRo (ε = 0.1, seed 2) from 5.7e-7 to 2.6e-5 at
+# epoch 16 with AVX-512 kernels; CLL (ε = 0.1, seed 1) from 3e-7 to 8.9e-5 at epoch 14 with ATen's scalar kernels
+# (both within 2.3e-6 elsewhere). So float32 is checked over 2 epochs, before any such event, and the 20 epochs in
+# float64.
 @pytest.mark.parametrize("method, dtype, epochs, rtol", [
-    ("cll", torch.float32, 20, 1e-5), ("gloro", torch.float32, 2, 1e-5),
+    ("cll", torch.float32, 2, 1e-5), ("gloro", torch.float32, 2, 1e-5),
     ("cll", torch.float64, 20, 1e-9), ("gloro", torch.float64, 20, 1e-9)],
     ids=["cll-float32", "gloro-float32", "cll-float64", "gloro-float64"])
 def test_packed_members_train_as_they_would_alone(tmp_path, train_in, method, dtype, epochs, rtol):

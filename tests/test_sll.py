@@ -69,8 +69,8 @@ def test_conformance_with_official_sll(case):
         fresh = make(kind, variant, c, inner)
     finally:
         torch.set_default_dtype(dtype)
-    for name, p in fresh.named_parameters():
-        np.testing.assert_array_equal(p.detach().numpy(), z[name], err_msg=name)
+    for name, p in fresh.named_parameters():   # the same draws (ATen's scalar kernels round their scaling ~1e-15 apart)
+        np.testing.assert_allclose(p.detach().numpy(), z[name], rtol=1e-14, atol=0, err_msg=name)
 
 
 def test_current_conv_q_has_no_effect_and_kernel_gram_is_the_conv():
