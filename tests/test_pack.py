@@ -283,5 +283,3 @@ def test_a_compiled_step_that_fails_at_run_time_leaves_the_pack_as_an_eager_one(
         assert pa.keys() == pb.keys()
         assert not [k for k in pa if not torch.allclose(pa[k], pb[k], rtol=0, atol=0, equal_nan=True)]
         assert a["eval"] == b["eval"] and a["K_f"] == b["K_f"]
-
-
